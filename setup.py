@@ -1,0 +1,33 @@
+"""megatron-jrt: pretraining stack for JRT-RNN on megatron-core."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-jrt",
+    version="0.1.0",
+    description="Pretraining stack for JRT-RNN (Just read twice) on megatron-core",
+    packages=find_packages(include=["megatron_jrt*", "kernels*", "data_prep*", "checkpoints_tools*"]),
+    package_data={"data_prep": ["corpus/*"]},
+    python_requires=">=3.11",
+    install_requires=[
+        # 0.16.1 is the newest release with Python 3.11 wheels (see docs/ for why).
+        "megatron-core==0.16.1",
+        "torch>=2.6",
+        # megatron-core imports triton on its import path and needs psutil to save checkpoints,
+        # but declares neither.
+        "triton",
+        "psutil",
+        "numpy",
+        "pyyaml",
+        "sentencepiece>=0.2",
+        "webdataset==1.0.2",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    entry_points={
+        "console_scripts": [
+            "jrt-prep=data_prep.cli:main",
+            "jrt-train=megatron_jrt.train:main",
+        ]
+    },
+)
