@@ -1,0 +1,169 @@
+"""JRT-RNN model hyper-parameters, the paper's presets, and their translation to megatron-core.
+
+The spec (`JRT_SPEC.md` section 3) fixes the architecture; this module is the one place that
+turns a preset name or a user override into a validated `JRTModelConfig`, and that into the
+`TransformerConfig` megatron-core's layers read.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# One letter per layer in `layer_pattern`.
+PLA, SWA, BASECONV = "P", "S", "C"
+MIXER_NAMES = {PLA: "prefix linear attention", SWA: "sliding-window attention", BASECONV: "BaseConv"}
+
+
+def pattern_from_indices(num_layers: int, pla_layers: list[int], swa_layers: list[int]) -> str:
+    """Pattern string with PLA/SWA at the given 0-based indices and BaseConv elsewhere."""
+    pattern = [BASECONV] * num_layers
+    for i in pla_layers:
+        pattern[i] = PLA
+    for i in swa_layers:
+        pattern[i] = SWA
+    return "".join(pattern)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what to do."""
+
+
+@dataclass
+class JRTModelConfig:
+    """Architecture of one JRT-RNN model (defaults are the spec's)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    layer_pattern: str
+    vocab_size: int = 50264
+    feature_dim: int = 16  # Taylor feature map input dim f (per head) of PLA
+    prefix_length: int = 1024  # M: tokens read non-causally by the PLA encoder
+    swa_window: int = 128  # keys before the query that sliding-window attention sees
+    conv_kernel: int = 3
+    rotary_base: int = 10000
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    max_sequence_length: int = 2048
+    # Round the embedding table up to a multiple of this times the TP size (Megatron's rule).
+    make_vocab_size_divisible_by: int = 8
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+        """Raise ConfigError naming the offending key when the architecture cannot be built."""
+        def fail(key: str, message: str) -> None:
+            raise ConfigError(f"model.{key}: {message}")
+
+        for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "feature_dim",
+                    "prefix_length", "swa_window", "conv_kernel", "max_sequence_length"):
+            if getattr(self, key) <= 0:
+                fail(key, f"must be positive, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            fail("num_heads", f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                              f"{self.num_heads}")
+        if len(self.layer_pattern) != self.num_layers:
+            fail("layer_pattern", f"has {len(self.layer_pattern)} letters but num_layers is "
+                                  f"{self.num_layers}; give one of {sorted(MIXER_NAMES)} per layer")
+        unknown = set(self.layer_pattern) - set(MIXER_NAMES)
+        if unknown:
+            fail("layer_pattern", f"unknown letters {sorted(unknown)}; use P (PLA), S (SWA), "
+                                  f"C (BaseConv)")
+        if self.prefix_length > self.max_sequence_length:
+            fail("prefix_length", f"{self.prefix_length} is longer than max_sequence_length "
+                                  f"{self.max_sequence_length}")
+        if self.num_heads % tensor_parallel:
+            fail("num_heads", f"{self.num_heads} heads cannot be split over tensor_parallel="
+                              f"{tensor_parallel}; choose a TP size that divides it")
+        if self.num_layers % pipeline_parallel:
+            fail("num_layers", f"{self.num_layers} layers cannot be split evenly over "
+                               f"pipeline_parallel={pipeline_parallel}")
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
+
+    def to_transformer_config(
+        self,
+        *,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        params_dtype: torch.dtype = torch.float32,
+        bf16: bool = False,
+        recompute_granularity: str | None = None,
+        **overrides,
+    ):
+        """The megatron-core TransformerConfig shared by every layer of the model."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        self.validate(tensor_parallel, pipeline_parallel)
+        recompute = {}
+        if recompute_granularity == "full":
+            recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                             recompute_num_layers=1)
+        elif recompute_granularity is not None:
+            raise ConfigError(f"recompute_granularity: {recompute_granularity!r} is not one of "
+                              "None, 'full'")
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_heads,
+            kv_channels=self.head_dim,
+            ffn_hidden_size=2 * self.hidden_size,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_eps,
+            init_method_std=self.init_std,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            pipeline_dtype=params_dtype,
+            params_dtype=params_dtype,
+            bf16=bf16,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            **recompute,
+            **overrides,
+        )
+
+    def replace(self, **changes) -> "JRTModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _preset(hidden: int, layers: int, heads: int, pla: list[int], swa: list[int], **kw) -> JRTModelConfig:
+    return JRTModelConfig(hidden_size=hidden, num_layers=layers, num_heads=heads,
+                          layer_pattern=pattern_from_indices(layers, pla, swa), **kw)
+
+
+PRESETS: dict[str, JRTModelConfig] = {
+    # The paper's models (JRT_SPEC.md section 3).
+    "jrt-360m": _preset(1024, 26, 16, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22]),
+    "jrt-1.3b": _preset(1792, 36, 16, [1, 6, 11, 16, 21, 27, 33], [2, 7, 12, 17, 22, 28, 34]),
+    # Small models with every mixer, for the CPU demo and the tests.
+    "jrt-demo": _preset(256, 6, 4, [1, 4], [2, 5], prefix_length=128, swa_window=64,
+                        max_sequence_length=256),
+    "jrt-tiny": _preset(64, 4, 4, [1], [2], prefix_length=16, swa_window=8,
+                        max_sequence_length=64),
+}
+
+
+def preset(name: str, **overrides) -> JRTModelConfig:
+    """A copy of the named preset with `overrides` applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+__all__ = ["JRTModelConfig", "ConfigError", "PRESETS", "preset", "pattern_from_indices",
+           "PLA", "SWA", "BASECONV"]

@@ -1,0 +1,84 @@
+"""BaseConv mixer: y = out_proj(silu(conv(u1)) * u2) with [u1, u2] = in_proj(x).
+
+Channels are split across TP ranks. Like megatron's gated MLP, each rank's slice of in_proj
+holds its own [u1, u2] halves; the checkpoint stores the global [u1, u2] layout through
+megatron's swiglu sharded-tensor factory, so checkpoints reshard across TP sizes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+from torch import Tensor, nn
+
+
+@dataclass
+class BaseConvSubmodules:
+    in_proj: ModuleSpec | type  # d -> 4d (bias), per rank [u1, u2]
+    out_proj: ModuleSpec | type  # 2d -> d (bias)
+
+
+class BaseConv(MegatronModule):
+    """Gated short depthwise causal convolution (kernel 3) from the Based architecture."""
+
+    def __init__(self, config: TransformerConfig, submodules: BaseConvSubmodules,
+                 layer_number: int, kernel_size: int, pg_collection=None, **_unused):
+        super().__init__(config)
+        self.layer_number = layer_number
+        self.kernel_size = kernel_size
+        tp_group = pg_collection.tp if pg_collection is not None else None
+        width = 2 * config.hidden_size
+        self.local_width = width // config.tensor_model_parallel_size
+        self.in_proj = build_module(
+            submodules.in_proj, config.hidden_size, 2 * width, config=config,
+            init_method=config.init_method, gather_output=False, bias=True, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.conv_weight = nn.Parameter(
+            torch.empty(self.local_width, 1, kernel_size, device=device, dtype=config.params_dtype))
+        self.conv_weight.tensor_model_parallel = True
+        self.conv_weight.partition_dim = 0
+        self.conv_weight.partition_stride = 1
+        if config.perform_initialization:
+            with get_cuda_rng_tracker().fork():
+                nn.init.normal_(self.conv_weight, std=config.init_method_std)
+        self.out_proj = build_module(
+            submodules.out_proj, width, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=True, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+
+    def forward(self, hidden_states: Tensor, attention_mask=None, inference_context=None,
+                **kwargs) -> tuple[Tensor, Tensor | None]:
+        if inference_context is not None:
+            raise NotImplementedError("use megatron_jrt.inference for recurrent decoding")
+        u, _ = self.in_proj(hidden_states)  # [s, b, 2 * local_width]
+        u1, u2 = u.chunk(2, dim=-1)
+        seq_len = u1.shape[0]
+        # Depthwise causal conv over the sequence: [b, channels, s] with left padding.
+        x = u1.permute(1, 2, 0)
+        x = F.conv1d(F.pad(x, (self.kernel_size - 1, 0)), self.conv_weight,
+                     groups=self.local_width)
+        gated = F.silu(x).permute(2, 0, 1)[:seq_len] * u2
+        return self.out_proj(gated)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None):
+        sharded = {}
+        for name, module in self.named_children():
+            sub = module.sharded_state_dict(f"{prefix}{name}.", sharded_offsets, metadata)
+            if name == "in_proj":
+                singleton = (metadata or {}).get("singleton_local_shards", False)
+                for key in (f"{prefix}in_proj.weight", f"{prefix}in_proj.bias"):
+                    sub[key] = apply_swiglu_sharded_factory(sub[key], sharded_offsets, singleton)
+            sharded.update(sub)
+        own = {"conv_weight": self.conv_weight}
+        sharded.update(make_sharded_tensors_for_checkpoint(
+            own, prefix, {"conv_weight": 0}, sharded_offsets))
+        return sharded

@@ -1,0 +1,58 @@
+"""Sliding-window softmax attention as the core attention of megatron-core's SelfAttention.
+
+SelfAttention keeps doing what it does well (packed qkv, rotary, TP sharding, checkpoint
+layout); only the core changes: each query sees itself and the `window` keys before it.
+Queries are processed in blocks of `window`; a block needs its own keys and the previous
+block's, so memory and time are O(N * window), never O(N^2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Causal attention over the last `window` keys plus self. q, k, v: [b, h, n, d] -> [b, h, n, d]."""
+    b, h, n, d = q.shape
+    blocks = -(-n // window)
+    padded = blocks * window
+    # Queries padded at the end; keys/values also get one block of padding at the front so
+    # that block i can look at "block i-1" uniformly.
+    q_blocks = F.pad(q, (0, 0, 0, padded - n)).view(b, h, blocks, window, d)
+
+    def two_block_windows(t: Tensor) -> Tensor:
+        t = F.pad(t, (0, 0, window, padded - n))
+        return t.unfold(2, 2 * window, window).transpose(-1, -2)  # [b, h, blocks, 2w, d]
+
+    # Query a of a block may see key c of [previous block, own block] iff a <= c <= a + window.
+    a = torch.arange(window, device=q.device).view(window, 1)
+    c = torch.arange(2 * window, device=q.device).view(1, 2 * window)
+    allowed = ((c >= a) & (c <= a + window)).expand(blocks, window, 2 * window).clone()
+    allowed[0, :, :window] = False  # block 0 has no previous block
+    out = F.scaled_dot_product_attention(q_blocks, two_block_windows(k), two_block_windows(v),
+                                         attn_mask=allowed)
+    return out.reshape(b, h, padded, d)[:, :, :n]
+
+
+class SlidingWindowCoreAttention(MegatronModule):
+    """Drop-in `core_attention` for SelfAttention: [s, b, heads, d] inputs -> [s, b, heads*d]."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int, window: int,
+                 softmax_scale: float | None = None, **_unused):
+        super().__init__(config)
+        if softmax_scale is not None and abs(softmax_scale - config.kv_channels ** -0.5) > 1e-12:
+            raise ValueError("sliding-window attention uses the standard 1/sqrt(head_dim) scale")
+        self.layer_number = layer_number
+        self.window = window
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, *,
+                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("packed sequences and attention bias are not supported")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        out = sliding_window_attention(q, k, v, self.window)
+        s, b = query.shape[:2]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)

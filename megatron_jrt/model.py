@@ -1,0 +1,42 @@
+"""Build a JRT-RNN model (one pipeline stage of it) on megatron-core's GPTModel.
+
+GPTModel supplies the vocab-parallel tied embedding and output layer, rotary embeddings for
+the sliding-window layers, the final norm and the pipeline plumbing; the layer specs supply
+the mixers. Keep all model construction here: a later move to megatron-core's HybridModel
+is then a change in one place.
+"""
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_jrt.config import JRTModelConfig
+from megatron_jrt.layer_specs import block_spec
+
+
+def build_model(cfg: JRTModelConfig, transformer_config, *, pre_process: bool | None = None,
+                post_process: bool | None = None) -> GPTModel:
+    """The stage of `cfg` that this rank holds (the whole model without pipeline parallelism)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    tp = transformer_config.tensor_model_parallel_size
+    cfg.validate(tp, transformer_config.pipeline_model_parallel_size)
+    return GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=block_spec(cfg, transformer_config),
+        vocab_size=cfg.padded_vocab_size(tp),
+        max_sequence_length=cfg.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=cfg.rotary_base,
+    )
+
+
+def count_parameters(model) -> int:
+    """Parameters of one model instance counted once (the tied output weight is not a copy)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
