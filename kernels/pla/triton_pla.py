@@ -1,0 +1,499 @@
+"""Fused Triton kernels for prefix linear attention (PLA), f = 16.
+
+Notation (one head): q~ = q / f^(1/4), k~ = k / f^(1/4), so phi(x) = [1, x~, vec(x~ x~^T) / sqrt2]
+and phi(q).phi(k) = 1 + s + s^2/2 with s = q~ . k~.  The state is kept in registers, fp32, in
+three parts with the 1/sqrt2 of the quadratic part left out ("internal" layout):
+    S0 = sum v        [dv]      S1 = sum k~ v^T   [f, dv]      S2 = sum (k~ (x) k~) v^T   [f*f, dv]
+so phi(q) S = S0 + q~ S1 + 0.5 (q~ (x) q~) S2. The public PLAState is the unpacked phi layout
+([1 + f + f*f] rows, quadratic rows = S2 / sqrt2). The 273 features are never written to HBM:
+the outer products are built in registers, chunk by chunk.
+
+Kernels (one program per (batch*head, dv block); sequential over chunks of C tokens):
+  _enc_kernel       prefix reduction (S_e, z_e) of k_enc, v_enc, optionally split over the prefix
+  _fwd_kernel       chunked causal Taylor linear attention from (S_e, z_e); stores y, the
+                    normaliser, and optionally the final state (prefill)
+  _bwd_dq_kernel    forward scan again for dq
+  _bwd_dkv_kernel   reverse scan for dk, dv and the total state gradient dS
+  _bwd_enc_kernel   dk_enc, dv_enc from dS (parallel over the prefix)
+  _decode_kernel    one-token state update + readout, fused over heads, in place
+dq and dk sum over dv blocks: each block writes an fp32 partial and torch sums them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.pla.reference import PLAState
+
+F_SUPPORTED = 16
+SQRT2 = math.sqrt(2.0)
+
+
+def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
+    return (q.shape[-1] == F_SUPPORTED and v.shape[-1] <= 256
+            and q.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+
+def supports_decode(q, v, state) -> bool:
+    return q.shape[-1] == F_SUPPORTED and v.shape[-1] <= 256 and state.S.is_contiguous() and state.z.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _outer(x, C: tl.constexpr, F: tl.constexpr):
+    """[C, F] -> [C, F*F] rows vec(x x^T)."""
+    return tl.reshape(x[:, :, None] * x[:, None, :], (C, F * F))
+
+
+@triton.jit
+def _quad_grad(g2, x, C: tl.constexpr, F: tl.constexpr):
+    """d/dx of 0.5 x^T G x with G = reshape(g2) symmetric: G x.  g2 [C, F*F], x [C, F]."""
+    return tl.sum(tl.reshape(g2, (C, F, F)) * x[:, None, :], axis=2)
+
+
+# ----------------------------------------------------------------------------- prefix reduction
+@triton.jit
+def _enc_kernel(KE, VE, PS, PZ, M, DV, TOK_PER_SPLIT, scale,
+                F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    pv = tl.program_id(1)
+    sp = tl.program_id(2)
+    BH = tl.num_programs(0)
+    D: tl.constexpr = 1 + F + F * F
+    DT = KE.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    offs_ff = tl.arange(0, F * F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    s0 = tl.zeros([BV], tl.float32)
+    s1 = tl.zeros([F, BV], tl.float32)
+    s2 = tl.zeros([F * F, BV], tl.float32)
+    z0 = tl.zeros([C], tl.float32)
+    z1 = tl.zeros([F], tl.float32)
+    z2 = tl.zeros([F * F], tl.float32)
+    start = sp * TOK_PER_SPLIT
+    end = tl.minimum(start + TOK_PER_SPLIT, M)
+    for c0 in range(start, end, C):
+        rows = c0 + offs_c
+        rm = rows < end
+        k = tl.load(KE + bh * M * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        v = tl.load(VE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        k2 = _outer(k, C, F)
+        s2 += tl.dot(tl.trans(k2.to(DT)), v, input_precision=PREC)
+        s1 += tl.dot(tl.trans(k.to(DT)), v, input_precision=PREC)
+        s0 += tl.sum(v.to(tl.float32), axis=0)
+        z2 += tl.sum(k2, axis=0)
+        z1 += tl.sum(k, axis=0)
+        z0 += rm.to(tl.float32)
+    base = (sp * BH + bh) * D
+    tl.store(PS + base * DV + offs_v, s0, mask=mv)
+    tl.store(PS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
+    tl.store(PS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], s2 / 1.4142135623730951, mask=mv[None, :])
+    if pv == 0:
+        tl.store(PZ + base + tl.arange(0, 1), tl.sum(z0, axis=0) + tl.zeros([1], tl.float32))
+        tl.store(PZ + base + 1 + offs_f, z1)
+        tl.store(PZ + base + 1 + F + offs_ff, z2 / 1.4142135623730951)
+
+
+@triton.jit
+def _load_state(S, Z, bh, offs_v, mv, DV, F: tl.constexpr):
+    D: tl.constexpr = 1 + F + F * F
+    offs_f = tl.arange(0, F)
+    offs_ff = tl.arange(0, F * F)
+    base = bh * D
+    s0 = tl.load(S + base * DV + offs_v, mask=mv, other=0.)
+    s1 = tl.load(S + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
+    s2 = tl.load(S + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.) * 1.4142135623730951
+    z0 = tl.sum(tl.load(Z + base + tl.arange(0, 1)), axis=0)
+    z1 = tl.load(Z + base + 1 + offs_f)
+    z2 = tl.load(Z + base + 1 + F + offs_ff) * 1.4142135623730951
+    return s0, s1, s2, z0, z1, z2
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, N, DV, scale, eps,
+                F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                STORE_DEN: tl.constexpr, STORE_STATE: tl.constexpr):
+    bh = tl.program_id(0)
+    pv = tl.program_id(1)
+    D: tl.constexpr = 1 + F + F * F
+    DT = Q.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    offs_ff = tl.arange(0, F * F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    s0, s1, s2, z0, z1, z2 = _load_state(S_INIT, Z_INIT, bh, offs_v, mv, DV, F)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    for c0 in range(0, N, C):
+        rows = c0 + offs_c
+        rm = rows < N
+        q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        q2 = _outer(q, C, F)
+        qd = q.to(DT)
+        kd = k.to(DT)
+        # inter-chunk: phi(q) . state before the chunk
+        num = s0[None, :] + tl.dot(qd, s1.to(DT), input_precision=PREC) \
+            + 0.5 * tl.dot(q2.to(DT), s2.to(DT), input_precision=PREC)
+        den = z0 + tl.sum(q * z1[None, :], axis=1) + 0.5 * tl.sum(q2 * z2[None, :], axis=1)
+        # intra-chunk: (1 + s + s^2/2), causal, pad keys out
+        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)
+        a = tl.where(causal & rm[None, :], 1.0 + s + 0.5 * s * s, 0.0)
+        num += tl.dot(a.to(DT), v, input_precision=PREC)
+        den += tl.sum(a, axis=1)
+        den = den + eps
+        y = num / den[:, None]
+        tl.store(Y + bh * N * DV + rows[:, None] * DV + offs_v[None, :], y.to(Y.dtype.element_ty), mask=rm[:, None] & mv[None, :])
+        if STORE_DEN:
+            if pv == 0:
+                tl.store(DEN + bh * N + rows, den, mask=rm)
+        # state update with this chunk's keys (pad rows: k = 0, v = 0, counted out of z0)
+        k2 = _outer(k, C, F)
+        s2 += tl.dot(tl.trans(k2.to(DT)), v, input_precision=PREC)
+        s1 += tl.dot(tl.trans(kd), v, input_precision=PREC)
+        s0 += tl.sum(v.to(tl.float32), axis=0)
+        z2 += tl.sum(k2, axis=0)
+        z1 += tl.sum(k, axis=0)
+        z0 += tl.sum(rm.to(tl.float32), axis=0)
+    if STORE_STATE:
+        base = bh * D
+        tl.store(S_OUT + base * DV + offs_v, s0, mask=mv)
+        tl.store(S_OUT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
+        tl.store(S_OUT + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], s2 / 1.4142135623730951, mask=mv[None, :])
+        if pv == 0:
+            tl.store(Z_OUT + base + tl.arange(0, 1), z0 + tl.zeros([1], tl.float32))
+            tl.store(Z_OUT + base + 1 + offs_f, z1)
+            tl.store(Z_OUT + base + 1 + F + offs_ff, z2 / 1.4142135623730951)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, N, DV, scale,
+                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    pv = tl.program_id(1)
+    BH = tl.num_programs(0)
+    DT = Q.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    first = (pv == 0).to(tl.float32)  # the normaliser's terms are added by one dv block only
+    s0, s1, s2, z0, z1, z2 = _load_state(S_INIT, Z_INIT, bh, offs_v, mv, DV, F)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    for c0 in range(0, N, C):
+        rows = c0 + offs_c
+        rm = rows < N
+        q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        do = tl.load(DO + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.).to(tl.float32)
+        den = tl.load(DEN + bh * N + rows, mask=rm, other=1.)
+        dden = tl.load(DDEN + bh * N + rows, mask=rm, other=0.) * first
+        dnum = (do / den[:, None]).to(DT)
+        qd = q.to(DT)
+        kd = k.to(DT)
+        # inter: d/dq~ [phi(q) (S dnum + z dden)]
+        dq = tl.dot(dnum, tl.trans(s1.to(DT)), input_precision=PREC) + dden[:, None] * z1[None, :]
+        g2 = tl.dot(dnum, tl.trans(s2.to(DT)), input_precision=PREC) + dden[:, None] * z2[None, :]
+        dq += _quad_grad(g2, q, C, F)
+        # intra: dA_ij = dnum_i . v_j + dden_i ; ds = dA (1 + s)
+        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)
+        da = tl.dot(dnum, tl.trans(v), input_precision=PREC) + dden[:, None]
+        ds = tl.where(causal & rm[None, :], da * (1.0 + s), 0.0)
+        dq += tl.dot(ds.to(DT), kd, input_precision=PREC)
+        tl.store(DQ + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dq * scale, mask=rm[:, None])
+        k2 = _outer(k, C, F)
+        s2 += tl.dot(tl.trans(k2.to(DT)), v, input_precision=PREC)
+        s1 += tl.dot(tl.trans(kd), v, input_precision=PREC)
+        z2 += tl.sum(k2, axis=0)
+        z1 += tl.sum(k, axis=0)
+
+
+@triton.jit
+def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, N, DV, scale,
+                    F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    pv = tl.program_id(1)
+    BH = tl.num_programs(0)
+    D: tl.constexpr = 1 + F + F * F
+    DT = Q.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    offs_ff = tl.arange(0, F * F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    first = (pv == 0).to(tl.float32)
+    d0 = tl.zeros([BV], tl.float32)
+    d1 = tl.zeros([F, BV], tl.float32)
+    d2 = tl.zeros([F * F, BV], tl.float32)
+    e0 = tl.zeros([C], tl.float32)  # dz, summed at the end
+    e1 = tl.zeros([F], tl.float32)
+    e2 = tl.zeros([F * F], tl.float32)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    n_chunks = tl.cdiv(N, C)
+    for ci in range(0, n_chunks):
+        c0 = (n_chunks - 1 - ci) * C
+        rows = c0 + offs_c
+        rm = rows < N
+        q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        do = tl.load(DO + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.).to(tl.float32)
+        den = tl.load(DEN + bh * N + rows, mask=rm, other=1.)
+        dden_all = tl.load(DDEN + bh * N + rows, mask=rm, other=0.)
+        dden = dden_all * first
+        dnum = (do / den[:, None]).to(DT)
+        qd = q.to(DT)
+        kd = k.to(DT)
+        k2 = _outer(k, C, F)
+        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)  # [i, j]
+        valid = causal & rm[None, :] & rm[:, None]
+        a = tl.where(valid, 1.0 + s + 0.5 * s * s, 0.0)
+        # dv_j = phi(k_j) . dS(later chunks) + sum_{i >= j in chunk} A_ij dnum_i
+        dv = d0[None, :] + tl.dot(kd, d1.to(DT), input_precision=PREC) \
+            + 0.5 * tl.dot(k2.to(DT), d2.to(DT), input_precision=PREC) \
+            + tl.dot(tl.trans(a.to(DT)), dnum, input_precision=PREC)
+        tl.store(DVO + bh * N * DV + rows[:, None] * DV + offs_v[None, :], dv.to(DVO.dtype.element_ty), mask=rm[:, None] & mv[None, :])
+        # dk~_j = d/dk~ [phi(k_j) . (dS v_j + dz)] + sum_i dA_ij (1 + s_ij) q~_i
+        vd = v.to(DT)
+        dk = tl.dot(vd, tl.trans(d1.to(DT)), input_precision=PREC) + first * e1[None, :]
+        g2 = tl.dot(vd, tl.trans(d2.to(DT)), input_precision=PREC) + first * e2[None, :]
+        dk += _quad_grad(g2, k, C, F)
+        da = tl.dot(dnum, tl.trans(vd), input_precision=PREC) + dden[:, None]
+        ds = tl.where(valid, da * (1.0 + s), 0.0)
+        dk += tl.dot(tl.trans(ds.to(DT)), qd, input_precision=PREC)
+        tl.store(DK + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dk * scale, mask=rm[:, None])
+        # dS += phi(q_i) dnum_i^T over this chunk's queries
+        q2 = _outer(q, C, F)
+        d2 += tl.dot(tl.trans(q2.to(DT)), dnum, input_precision=PREC)
+        d1 += tl.dot(tl.trans(qd), dnum, input_precision=PREC)
+        d0 += tl.sum(dnum.to(tl.float32), axis=0)
+        e2 += tl.sum(q2 * dden_all[:, None], axis=0)
+        e1 += tl.sum(q * dden_all[:, None], axis=0)
+        e0 += dden_all
+    base = bh * D
+    tl.store(DS + base * DV + offs_v, d0, mask=mv)
+    tl.store(DS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], d1, mask=mv[None, :])
+    tl.store(DS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], d2, mask=mv[None, :])
+    if pv == 0:
+        tl.store(DZ + base + tl.arange(0, 1), tl.sum(e0, axis=0) + tl.zeros([1], tl.float32))
+        tl.store(DZ + base + 1 + offs_f, e1)
+        tl.store(DZ + base + 1 + F + offs_ff, e2)
+
+
+@triton.jit
+def _bwd_enc_kernel(KE, VE, DS, DZ, DKE, DVE, M, DV, scale,
+                    F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Internal-layout dS (no 1/sqrt2): dv_e = d0 + k~ d1 + 0.5 (k~(x)k~) d2; dk~_e likewise."""
+    bh = tl.program_id(0)
+    ci = tl.program_id(1)
+    pv = tl.program_id(2)
+    BH = tl.num_programs(0)
+    D: tl.constexpr = 1 + F + F * F
+    DT = KE.dtype.element_ty
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    offs_ff = tl.arange(0, F * F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    first = (pv == 0).to(tl.float32)
+    base = bh * D
+    d0 = tl.load(DS + base * DV + offs_v, mask=mv, other=0.)
+    d1 = tl.load(DS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
+    d2 = tl.load(DS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
+    e1 = tl.load(DZ + base + 1 + offs_f) * first
+    e2 = tl.load(DZ + base + 1 + F + offs_ff) * first
+    rows = ci * C + offs_c
+    rm = rows < M
+    k = tl.load(KE + bh * M * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+    v = tl.load(VE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+    kd = k.to(DT)
+    k2 = _outer(k, C, F)
+    dv = d0[None, :] + tl.dot(kd, d1.to(DT), input_precision=PREC) + 0.5 * tl.dot(k2.to(DT), d2.to(DT), input_precision=PREC)
+    tl.store(DVE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], dv.to(DVE.dtype.element_ty), mask=rm[:, None] & mv[None, :])
+    dk = tl.dot(v, tl.trans(d1.to(DT)), input_precision=PREC) + e1[None, :]
+    g2 = tl.dot(v, tl.trans(d2.to(DT)), input_precision=PREC) + e2[None, :]
+    dk += _quad_grad(g2, k, C, F)
+    tl.store(DKE + ((pv * BH + bh) * M + rows[:, None]) * F + offs_f[None, :], dk * scale, mask=rm[:, None])
+
+
+# ----------------------------------------------------------------------------- decode
+@triton.jit
+def _feat_rows(X, t, scale, F: tl.constexpr):
+    """phi(x) at feature rows t (unpacked layout), x read from memory (L1-resident)."""
+    D: tl.constexpr = 1 + F + F * F
+    lin = (t >= 1) & (t < 1 + F)
+    quad = (t >= 1 + F) & (t < D)
+    a = tl.where(quad, (t - 1 - F) // F, 0)
+    b = tl.where(quad, (t - 1 - F) % F, tl.where(lin, t - 1, 0))
+    xb = tl.load(X + b).to(tl.float32) * scale
+    xa = tl.load(X + a).to(tl.float32) * scale
+    return tl.where(t == 0, 1.0, tl.where(lin, xb, tl.where(quad, xa * xb * 0.7071067811865476, 0.0)))
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, S, Z, Y, DV, scale, eps,
+                   F: tl.constexpr, BV: tl.constexpr, R: tl.constexpr):
+    bh = tl.program_id(0)
+    D: tl.constexpr = 1 + F + F * F
+    offs_v = tl.arange(0, BV)
+    mv = offs_v < DV
+    v = tl.load(V + bh * DV + offs_v, mask=mv, other=0.).to(tl.float32)
+    num = tl.zeros([BV], tl.float32)
+    den = tl.zeros([R], tl.float32)
+    for r0 in range(0, D, R):
+        t = r0 + tl.arange(0, R)
+        mt = t < D
+        pk = _feat_rows(K + bh * F, t, scale, F)
+        pq = _feat_rows(Q + bh * F, t, scale, F)
+        ptr = S + (bh * D + t[:, None]) * DV + offs_v[None, :]
+        st = tl.load(ptr, mask=mt[:, None] & mv[None, :], other=0.) + pk[:, None] * v[None, :]
+        tl.store(ptr, st, mask=mt[:, None] & mv[None, :])
+        zt = tl.load(Z + bh * D + t, mask=mt, other=0.) + pk
+        tl.store(Z + bh * D + t, zt, mask=mt)
+        num += tl.sum(pq[:, None] * st, axis=0)
+        den += pq * zt
+    y = num / (tl.sum(den, axis=0) + eps)
+    tl.store(Y + bh * DV + offs_v, y.to(Y.dtype.element_ty), mask=mv)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _cfg(dv):
+    """(chunk, BV, num_warps, num_stages): tuned on H100 (benchmarks/pla.py)."""
+    return _CFG.get(dv, _CFG_DEFAULT)
+
+
+_CFG_DEFAULT = dict(C=64, BV=32, num_warps=4, num_stages=1)
+_CFG: dict = {}
+_INTERPRET_C = 16  # chunk under TRITON_INTERPRET (CPU tests)
+
+
+def _chunk(cfg):
+    import os
+    return _INTERPRET_C if os.environ.get("TRITON_INTERPRET") == "1" else cfg["C"]
+
+
+def _encoder(k_enc, v_enc, cfg, min_programs=None):
+    B, H, M, F = k_enc.shape
+    DV = v_enc.shape[-1]
+    BH = B * H
+    D = 1 + F + F * F
+    BV = cfg["BV"]
+    nv = triton.cdiv(DV, BV)
+    C = _chunk(cfg)
+    if min_programs is None:
+        min_programs = 2 * torch.cuda.get_device_properties(k_enc.device).multi_processor_count if k_enc.is_cuda else 1
+    split = max(1, min(triton.cdiv(M, 4 * C), triton.cdiv(min_programs, BH * nv)))
+    tok = triton.cdiv(triton.cdiv(M, split), C) * C
+    split = triton.cdiv(M, tok) if M > 0 else 1
+    PS = torch.empty(split, BH, D, DV, device=k_enc.device, dtype=torch.float32)
+    PZ = torch.empty(split, BH, D, device=k_enc.device, dtype=torch.float32)
+    if M == 0:
+        PS.zero_(), PZ.zero_()
+    else:
+        _enc_kernel[(BH, nv, split)](k_enc, v_enc, PS, PZ, M, DV, tok, F ** -0.25, F=F, C=C, BV=BV,
+                                     PREC=_prec(k_enc.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split == 1:
+        return PS[0], PZ[0]
+    return PS.sum(0), PZ.sum(0)
+
+
+def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
+    q, k, v, k_enc, v_enc = (t.contiguous() for t in (q, k, v, k_enc, v_enc))
+    B, H, N, F = q.shape
+    DV = v.shape[-1]
+    cfg = _cfg(DV)
+    BV = cfg["BV"]
+    nv = triton.cdiv(DV, BV)
+    D = 1 + F + F * F
+    Se, Ze = _encoder(k_enc, v_enc, cfg)
+    y = torch.empty_like(v)
+    den = torch.empty(B, H, N, device=q.device, dtype=torch.float32) if store_den else y
+    S_out = torch.empty(B, H, D, DV, device=q.device, dtype=torch.float32) if store_state else y
+    Z_out = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if store_state else y
+    if N > 0:
+        _fwd_kernel[(B * H, nv)](q, k, v, Se, Ze, y, den, S_out, Z_out, N, DV, F ** -0.25, eps, F=F, C=_chunk(cfg), BV=BV,
+                                 PREC=_prec(q.dtype), STORE_DEN=store_den, STORE_STATE=store_state,
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    elif store_state:
+        S_out.copy_(Se.view(B, H, D, DV)), Z_out.copy_(Ze.view(B, H, D))
+    return y, den, Se, Ze, S_out, Z_out
+
+
+class PLATriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_enc, v_enc, eps):
+        need = any(ctx.needs_input_grad[:5])
+        y, den, Se, Ze, _, _ = _forward(q, k, v, k_enc, v_enc, eps, store_den=need, store_state=False)
+        if need:
+            ctx.save_for_backward(q, k, v, k_enc, v_enc, y, den, Se, Ze)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, k_enc, v_enc, y, den, Se, Ze = ctx.saved_tensors
+        q, k, v, k_enc, v_enc = (t.contiguous() for t in (q, k, v, k_enc, v_enc))
+        dy = dy.contiguous()
+        B, H, N, F = q.shape
+        M = k_enc.shape[2]
+        DV = v.shape[-1]
+        cfg = _cfg(DV)
+        BV, C = cfg["BV"], _chunk(cfg)
+        nv = triton.cdiv(DV, BV)
+        D = 1 + F + F * F
+        BH = B * H
+        kw = dict(F=F, C=C, BV=BV, PREC=_prec(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        # d loss / d den_i = -(dy_i . y_i) / den_i  (den already includes eps)
+        dden = -(dy.float() * y.float()).sum(-1) / den
+        dq = torch.empty(nv, B, H, N, F, device=q.device, dtype=torch.float32)
+        dk = torch.empty(nv, B, H, N, F, device=q.device, dtype=torch.float32)
+        dv = torch.empty_like(v)
+        dS = torch.empty(BH, D, DV, device=q.device, dtype=torch.float32)
+        dZ = torch.empty(BH, D, device=q.device, dtype=torch.float32)
+        scale = F ** -0.25
+        if N > 0:
+            _bwd_dq_kernel[(BH, nv)](q, k, v, dy, den, dden, Se, Ze, dq, N, DV, scale, **kw)
+            _bwd_dkv_kernel[(BH, nv)](q, k, v, dy, den, dden, dk, dv, dS, dZ, N, DV, scale, **kw)
+        else:
+            dS.zero_(), dZ.zero_()
+        dke = torch.empty(nv, B, H, M, F, device=q.device, dtype=torch.float32)
+        dve = torch.empty_like(v_enc)
+        if M > 0:
+            _bwd_enc_kernel[(BH, triton.cdiv(M, C), nv)](k_enc, v_enc, dS, dZ, dke, dve, M, DV, scale, **kw)
+        return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dke.sum(0).to(k_enc.dtype), dve, None)
+
+
+def pla_triton(q, k, v, k_enc, v_enc, eps: float = 1e-12):
+    return PLATriton.apply(q, k, v, k_enc, v_enc, eps)
+
+
+@torch.no_grad()
+def pla_prefill_triton(q, k, v, k_enc, v_enc, eps: float = 1e-12):
+    y, _, _, _, S, Z = _forward(q, k, v, k_enc, v_enc, eps, store_den=False, store_state=True)
+    return y, PLAState(S=S, z=Z)
+
+
+def pla_decode_step_triton(q, k, v, state: PLAState, eps: float = 1e-12, out=None):
+    """In place on state (fp32, contiguous); no host sync, no allocation when out is given."""
+    B, H, F = q.shape
+    DV = v.shape[-1]
+    y = torch.empty_like(v) if out is None else out
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    _decode_kernel[(B * H,)](q, k, v, state.S, state.z, y, DV, F ** -0.25, eps,
+                             F=F, BV=triton.next_power_of_2(DV), R=_DECODE_R, num_warps=4)
+    return y
+
+
+_DECODE_R = 32
