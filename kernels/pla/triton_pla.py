@@ -370,9 +370,10 @@ def _prec(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _cfg(dv):
-    """(chunk, BV, num_warps, num_stages): tuned on H100 (benchmarks/pla.py)."""
-    return _CFG.get(dv, _CFG_DEFAULT)
+def _cfg(dv, kind):
+    """Launch config for kind in ("fwd", "bwd"): chunk C, dv block BV, warps, stages.
+    Tuned on an H100 with `python benchmarks/pla.py --tune`; see docs/PERFORMANCE.md."""
+    return _CFG.get((kind, dv), _CFG_DEFAULT)
 
 
 _CFG_DEFAULT = dict(C=64, BV=32, num_warps=4, num_stages=1)
@@ -414,7 +415,7 @@ def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
     q, k, v, k_enc, v_enc = (t.contiguous() for t in (q, k, v, k_enc, v_enc))
     B, H, N, F = q.shape
     DV = v.shape[-1]
-    cfg = _cfg(DV)
+    cfg = _cfg(DV, "fwd")
     BV = cfg["BV"]
     nv = triton.cdiv(DV, BV)
     D = 1 + F + F * F
@@ -449,7 +450,7 @@ class PLATriton(torch.autograd.Function):
         B, H, N, F = q.shape
         M = k_enc.shape[2]
         DV = v.shape[-1]
-        cfg = _cfg(DV)
+        cfg = _cfg(DV, "bwd")
         BV, C = cfg["BV"], _chunk(cfg)
         nv = triton.cdiv(DV, BV)
         D = 1 + F + F * F
