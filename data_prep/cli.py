@@ -1,0 +1,101 @@
+"""`jrt-prep`: tokenizer training and sharding (also `python -m data_prep.cli`).
+
+    jrt-prep tokenizer --input corpus.jsonl.gz --vocab-size 32000 --out tok.model
+    jrt-prep shards --input 'data/*.jsonl.gz' --tokenizer tok.model --out shards/ --shard-size 64M
+    jrt-prep tokenizer --bundled ...   /   jrt-prep shards --bundled ...   (the corpus in the repo)
+"""
+import argparse
+import sys
+import time
+
+from data_prep.documents import InputError, ReadStats, expand_inputs, iter_all_documents
+
+
+def _inputs(args) -> list[str]:
+    paths = list(args.input or [])
+    if args.bundled:
+        from data_prep.corpus import bundled_corpus_paths
+
+        paths += [str(p) for p in bundled_corpus_paths()]
+    if not paths:
+        raise InputError("no input: pass --input FILE_OR_GLOB (repeatable) or --bundled")
+    return paths
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", action="extend", metavar="FILE_OR_GLOB",
+                   help=".txt/.txt.gz (one document per file) or .jsonl/.jsonl.gz (one per line, field --text-key)")
+    p.add_argument("--bundled", action="store_true", help="add the corpus shipped in data_prep/corpus")
+    p.add_argument("--text-key", default="text", help="JSON field holding the document text (default: text)")
+    p.add_argument("--strict-utf8", action="store_true",
+                   help="fail on bytes that are not UTF-8 (default: replace them with U+FFFD and warn)")
+
+
+def cmd_tokenizer(args) -> int:
+    from data_prep.tokenizer import load_tokenizer, train_sentencepiece
+
+    stats = ReadStats()
+    paths = expand_inputs(_inputs(args))
+    t0 = time.perf_counter()
+    docs = iter_all_documents(paths, args.text_key, "strict" if args.strict_utf8 else "replace", stats)
+    train_sentencepiece(docs, args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
+                        num_threads=args.threads, seed=args.seed)
+    if stats.documents == 0:
+        raise InputError(f"no documents in {', '.join(map(str, paths))}")
+    tok = load_tokenizer(args.out)
+    for f in stats.files_with_bad_utf8:
+        print(f"warning: {f}: bytes that are not UTF-8 were replaced by U+FFFD", file=sys.stderr)
+    print(f"{args.out}: vocab {tok.vocab_size}, pad={tok.pad_id} eod={tok.eod_id} mask={tok.mask_id}, "
+          f"sha256 {tok.hash[:16]}..., from {stats.documents} documents in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def cmd_shards(args) -> int:
+    from data_prep.shards import write_shards
+
+    write_shards(_inputs(args), args.tokenizer, args.out, shard_size=args.shard_size,
+                 valid_fraction=args.valid_fraction, valid_shards=args.valid_shards, workers=args.workers,
+                 text_key=args.text_key, strict_utf8=args.strict_utf8, overwrite=args.overwrite,
+                 progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="jrt-prep", description="JRT-RNN data preparation")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer (pad 0, unk 1, eod 2, [MASK] 3)")
+    _add_input_args(t)
+    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--out", required=True, help="output .model path")
+    t.add_argument("--max-sentences", type=int, default=2_000_000,
+                   help="lines sampled for training (bounds time and memory; default 2M)")
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tokenizer)
+
+    s = sub.add_parser("shards", help="tokenise into webdataset .tar shards + manifest.json")
+    _add_input_args(s)
+    s.add_argument("--tokenizer", required=True, help="SentencePiece .model path, or gpt2:/dir (GPT-2 layout)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--shard-size", default="64M", help="tokens per shard, e.g. 500k, 64M (default 64M)")
+    s.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
+    s.add_argument("--valid-shards", type=int, default=8, help="validation shards to write (default 8)")
+    s.add_argument("--workers", type=int, default=2, help="tokeniser processes (default 2)")
+    s.add_argument("--overwrite", action="store_true", help="replace a finished shard run in --out")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_shards)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InputError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"jrt-prep {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
