@@ -1,0 +1,155 @@
+"""Process-group and model-parallel start-up for torchrun, Slurm or a single process.
+
+``init_distributed`` is the one call a script makes before building a model; afterwards
+ask ``megatron.core.parallel_state`` for ranks and groups. ``destroy_distributed``
+undoes it (tests call it between layouts).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_jrt.platform import ensure_platform
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, as read from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def read_launch_env(environ=None) -> LaunchEnv:
+    """Read rank/world/local rank/master from torchrun variables, else Slurm, else defaults."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        master = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        if "MASTER_PORT" in env:
+            port = int(env["MASTER_PORT"])
+        else:  # same on every task of the job, different between concurrent jobs
+            port = 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=master or "127.0.0.1",
+            master_port=port,
+            source="slurm",
+        )
+    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
+                     int(env.get("MASTER_PORT", 29500)), "single")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist: ``scontrol show hostnames`` if present, else parsed.
+
+    The compact syntax is ``prefix[01-04,07]suffix,other[1-2]``; the first host of
+    ``gpu[003-005,9],cpu1`` is ``gpu003`` (zero padding kept).
+    """
+    if not nodelist:
+        return ""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist],
+                                 capture_output=True, text=True, timeout=30, check=True)
+            hosts = out.stdout.split()
+            if hosts:
+                return hosts[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return parse_first_host(nodelist)
+
+
+def parse_first_host(nodelist: str) -> str:
+    """Parser of the compact nodelist syntax (used when scontrol is unavailable)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):  # first top-level comma ends the first group
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            end = i
+            break
+    group = nodelist[:end].strip()
+    # Expand bracket ranges left to right, always taking the first choice.
+    while "[" in group:
+        m = re.search(r"\[([^\]]*)\]", group)
+        first = m.group(1).split(",")[0].split("-")[0]
+        group = group[: m.start()] + first + group[m.end():]
+    return group
+
+
+def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> None:
+    """Start torch.distributed and megatron's model-parallel state, then seed every RNG.
+
+    Backend: nccl with CUDA (device = local rank), gloo on CPU (with the CPU
+    accommodations of ``megatron_jrt.platform``). Seeds follow Megatron-LM: every
+    tensor/data-parallel rank of a pipeline stage gets ``seed + 100 * pp_rank``, so
+    ``use_cpu_initialization`` builds identical replicas and TP slices of one weight,
+    and megatron's RNG tracker adds the tensor-parallel and expert states.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    ensure_platform()
+    launch = read_launch_env()
+    model_parallel = tensor_parallel * pipeline_parallel
+    if tensor_parallel < 1 or pipeline_parallel < 1 or launch.world_size % model_parallel:
+        raise ValueError(
+            f"world size {launch.world_size} is not divisible by tensor_parallel "
+            f"({tensor_parallel}) x pipeline_parallel ({pipeline_parallel}) = {model_parallel}"
+        )
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=int(os.environ.get("JRT_DIST_TIMEOUT_MIN", 30))),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+    )
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    # On CPU this seeds the CPU generator through the platform's RNG-tracker accommodation.
+    model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's model-parallel state and the process group (safe to repeat)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

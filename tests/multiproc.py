@@ -1,0 +1,208 @@
+"""Run a test function on N ranks, as torchrun would, and bring back what each returned.
+
+    results = launch(check_fn, 2, arg1, arg2)   # [rank0_value, rank1_value]
+
+``check_fn(*args)`` must be a module-level function (it is pickled into spawned
+processes). Each worker gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT on a free port of its own) and OMP_NUM_THREADS=1; the function
+calls ``megatron_jrt.distributed.init_distributed`` itself. Whatever happens, the
+worker destroys megatron's model-parallel state and the process group. A worker's
+exception fails the test with that worker's traceback; a hung collective is ended by
+``timeout``. ``in_process=True`` (one rank only) runs the function in the pytest
+process, which saves a megatron import (4-6 s).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from contextlib import contextmanager
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank: int, world_size: int, port: int) -> dict:
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@contextmanager
+def _environ(values: dict):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _cleanup() -> None:
+    from megatron_jrt.distributed import destroy_distributed
+
+    destroy_distributed()
+
+
+def _worker(fn, args, rank, world_size, port, results) -> None:
+    os.environ.update(_rank_env(rank, world_size, port))
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        value = fn(*args)
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # noqa: BLE001 - the traceback goes to the test report
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            _cleanup()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def launch(fn, world_size: int, *args, timeout: float = 300, in_process: bool = False) -> list:
+    """Run ``fn(*args)`` on ``world_size`` ranks; return the per-rank results in rank order."""
+    port = free_port()
+    if in_process:
+        assert world_size == 1, "in_process runs a single rank"
+        with _environ(_rank_env(0, 1, port)):
+            try:
+                return [fn(*args)]
+            finally:
+                _cleanup()
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = []
+    # Children inherit the environment at spawn: one OpenMP thread per rank from the start.
+    with _environ({"OMP_NUM_THREADS": "1"}):
+        for rank in range(world_size):
+            p = ctx.Process(target=_worker, args=(fn, args, rank, world_size, port, results),
+                            name=f"rank{rank}", daemon=True)
+            p.start()
+            procs.append(p)
+
+    values, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(values) + len(errors) < world_size:
+            if errors:  # peers of a failed rank may hang in a collective: give them a moment
+                deadline = min(deadline, time.monotonic() + 10)
+            try:
+                rank, ok, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    break
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and all(p.exitcode is not None for p in procs):
+                    break
+                continue
+            if ok:
+                values[rank] = pickle.loads(payload)
+            else:
+                errors[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+
+    missing = [r for r in range(world_size) if r not in values and r not in errors]
+    if errors or missing:
+        report = [f"--- rank {r} raised ---\n{tb}" for r, tb in sorted(errors.items())]
+        for r in missing:
+            report.append(f"--- rank {r} returned nothing (exit code {procs[r].exitcode};"
+                          f" timeout {timeout}s) ---")
+        pytest.fail("\n".join(report), pytrace=False)
+    return [values[r] for r in range(world_size)]
+
+
+# ------------------------------------------------------------------------------------
+# A tiny megatron-core GPTModel (local spec, fp32, CPU init) shared by the CPU tests.
+
+VOCAB = 64
+SEQ = 16
+
+
+def tiny_gpt(num_layers: int = 2, tie: bool = True):
+    """megatron's own GPTModel, small, on the current parallel layout (after init_distributed)."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+    )
+    return GPTModel(
+        config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=tie,
+        position_embedding_type="rope",
+    )
+
+
+def token_batches(n: int, batch: int, seed: int = 0):
+    """n (tokens, labels) pairs of shape [batch, SEQ], the same on every rank."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        seq = torch.randint(0, VOCAB, (batch, SEQ + 1), generator=g)
+        out.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return out
+
+
+def gpt_forward_step(data_iterator, model):
+    """megatron's forward_step contract for the tiny GPT (see megatron_jrt.training.step)."""
+    import torch
+
+    tokens, labels = next(data_iterator)
+    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token loss
+
+    def loss_func(per_token_loss):
+        loss = per_token_loss.float().sum()
+        num_tokens = torch.tensor(per_token_loss.numel(), dtype=torch.int)
+        report = torch.cat([loss.detach().view(1), num_tokens.view(1).float()])
+        return loss, num_tokens, {"lm loss": report}
+
+    return output, loss_func
