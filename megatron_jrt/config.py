@@ -48,7 +48,8 @@ class JRTModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     max_sequence_length: int = 2048
-    # Round the embedding table up to a multiple of this times the TP size (Megatron's rule).
+    # Round the embedding table up to a multiple of this. Unlike Megatron-LM the padding does
+    # not grow with the TP size, so one checkpoint loads under any TP layout.
     make_vocab_size_divisible_by: int = 8
 
     @property
@@ -80,12 +81,15 @@ class JRTModelConfig:
         if self.num_heads % tensor_parallel:
             fail("num_heads", f"{self.num_heads} heads cannot be split over tensor_parallel="
                               f"{tensor_parallel}; choose a TP size that divides it")
+        if self.padded_vocab_size() % tensor_parallel:
+            fail("make_vocab_size_divisible_by", f"the padded vocabulary ({self.padded_vocab_size()}) "
+                 f"cannot be split over tensor_parallel={tensor_parallel}; use a multiple of it")
         if self.num_layers % pipeline_parallel:
             fail("num_layers", f"{self.num_layers} layers cannot be split evenly over "
                                f"pipeline_parallel={pipeline_parallel}")
 
-    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+    def padded_vocab_size(self) -> int:
+        multiple = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple
 
     def to_transformer_config(

@@ -14,8 +14,21 @@ from megatron_jrt.config import JRTModelConfig
 from megatron_jrt.layer_specs import block_spec
 
 
+class JRTModel(GPTModel):
+    """GPTModel whose checkpoints key each layer on its own.
+
+    megatron stacks same-named tensors of all layers into one checkpoint tensor, which
+    assumes every layer has the same parameters; JRT-RNN mixes three kinds of layer.
+    """
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None):
+        metadata = dict(metadata or {}, non_homogeneous_layers=True)
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
+
 def build_model(cfg: JRTModelConfig, transformer_config, *, pre_process: bool | None = None,
-                post_process: bool | None = None) -> GPTModel:
+                post_process: bool | None = None) -> JRTModel:
     """The stage of `cfg` that this rank holds (the whole model without pipeline parallelism)."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
@@ -23,10 +36,10 @@ def build_model(cfg: JRTModelConfig, transformer_config, *, pre_process: bool | 
         post_process = parallel_state.is_pipeline_last_stage()
     tp = transformer_config.tensor_model_parallel_size
     cfg.validate(tp, transformer_config.pipeline_model_parallel_size)
-    return GPTModel(
+    return JRTModel(
         config=transformer_config,
         transformer_layer_spec=block_spec(cfg, transformer_config),
-        vocab_size=cfg.padded_vocab_size(tp),
+        vocab_size=cfg.padded_vocab_size(),
         max_sequence_length=cfg.max_sequence_length,
         pre_process=pre_process,
         post_process=post_process,

@@ -19,6 +19,7 @@ from megatron_jrt.mixers.swa import sliding_window_attention
     (dict(layer_pattern="CPXC"), 1, 1, "model.layer_pattern"),  # unknown mixer letter
     (dict(prefix_length=128, max_sequence_length=64), 1, 1, "model.prefix_length"),
     (dict(), 1, 3, "model.num_layers"),  # 4 layers over PP=3
+    (dict(vocab_size=50264, num_heads=8), 16, 1, "model.num_heads"),
     (dict(hidden_size=0), 1, 1, "model.hidden_size"),
 ])
 def test_bad_config_names_the_key(changes, tp, pp, key):
@@ -41,10 +42,12 @@ def test_paper_presets_follow_the_spec_table():
     assert large.layer_pattern.count("C") == 22 and large.head_dim == 112
 
 
-def test_vocab_padding_follows_megatron_rule():
+def test_vocab_padding_does_not_depend_on_tp():
     cfg = preset("jrt-360m", vocab_size=50257)
-    assert cfg.padded_vocab_size(1) == 50264
-    assert cfg.padded_vocab_size(2) % 16 == 0 and cfg.padded_vocab_size(2) >= 50257
+    assert cfg.padded_vocab_size() == 50264  # the reference checkpoints' table
+    cfg.validate(tensor_parallel=8)
+    with pytest.raises(ConfigError, match="model.make_vocab_size_divisible_by"):
+        cfg.validate(tensor_parallel=16)
 
 
 # ---- sliding-window attention ---------------------------------------------------------------
