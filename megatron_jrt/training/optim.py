@@ -1,0 +1,78 @@
+"""Optimizer and learning-rate schedule, both megatron-core's.
+
+``get_megatron_optimizer`` picks the Adam implementation: Transformer Engine's or apex's
+fused Adam when installed, else ``torch.optim.AdamW`` (no dependency is required). It
+returns a ``ChainedOptimizer`` (one per parameter class: dense, and expert if any).
+Biases and 1-D parameters (norms) get no weight decay (megatron's default).
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.utils import get_model_config
+
+
+def build_optimizer(
+    model_chunks,
+    *,
+    lr: float,
+    min_lr: float,
+    weight_decay: float,
+    adam_beta1: float,
+    adam_beta2: float,
+    adam_eps: float,
+    clip_grad: float,
+    use_distributed_optimizer: bool,
+    bf16: bool,
+    warmup_steps: int,
+    decay_steps: int,
+    global_batch_size: int,
+    lr_decay_style: str = "cosine",
+):
+    """Adam over DDP-wrapped ``model_chunks`` and its LR schedule -> (optimizer, scheduler).
+
+    ``warmup_steps`` and ``decay_steps`` count optimizer steps. As in Megatron-LM, the
+    scheduler counts samples: ``train_step`` advances it by ``global_batch_size`` per
+    successful step, so both are converted here. ``clip_grad`` <= 0 disables clipping.
+    The LR rises linearly from 0 over the warmup (step 0 uses lr 0, as in Megatron-LM),
+    then decays to ``min_lr`` at ``decay_steps`` (``lr_decay_style``: "cosine", "linear",
+    "constant", "inverse-square-root").
+    Also sets the model config's ``grad_scale_func`` (loss scaling for fp16; identity
+    otherwise), which megatron's pipeline schedules call on the loss.
+    """
+    if not 0.0 <= min_lr <= lr:
+        raise ValueError(f"need 0 <= min_lr ({min_lr}) <= lr ({lr})")
+    if decay_steps <= 0 or not 0 <= warmup_steps < decay_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < decay_steps ({decay_steps})")
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        min_lr=min_lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2,
+        adam_eps=adam_eps,
+        clip_grad=clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, list(model_chunks))
+    get_model_config(model_chunks[0]).grad_scale_func = optimizer.scale_loss
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=min_lr,
+        lr_warmup_steps=warmup_steps * global_batch_size,
+        lr_decay_steps=decay_steps * global_batch_size,
+        lr_decay_style=lr_decay_style,
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=decay_steps * global_batch_size,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
