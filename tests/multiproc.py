@@ -97,8 +97,9 @@ def launch(fn, world_size: int, *args, timeout: float = 300, in_process: bool = 
     # Children inherit the environment at spawn: one OpenMP thread per rank from the start.
     with _environ({"OMP_NUM_THREADS": "1"}):
         for rank in range(world_size):
+            # Not daemonic: dist_checkpointing.save starts a helper process of its own.
             p = ctx.Process(target=_worker, args=(fn, args, rank, world_size, port, results),
-                            name=f"rank{rank}", daemon=True)
+                            name=f"rank{rank}", daemon=False)
             p.start()
             procs.append(p)
 
