@@ -38,10 +38,13 @@ def cmd_tokenizer(args) -> int:
     paths = expand_inputs(_inputs(args))
     t0 = time.perf_counter()
     docs = iter_all_documents(paths, args.text_key, "strict" if args.strict_utf8 else "replace", stats)
-    train_sentencepiece(docs, args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
-                        num_threads=args.threads, seed=args.seed)
-    if stats.documents == 0:
-        raise InputError(f"no documents in {', '.join(map(str, paths))}")
+    try:
+        train_sentencepiece(docs, args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
+                            num_threads=args.threads, seed=args.seed)
+    except RuntimeError as e:  # sentencepiece reports bad training input as RuntimeError
+        if stats.documents == 0:
+            raise InputError(f"no documents in {', '.join(map(str, paths))}: the inputs are empty") from e
+        raise ValueError(f"SentencePiece training failed: {e}") from e
     tok = load_tokenizer(args.out)
     for f in stats.files_with_bad_utf8:
         print(f"warning: {f}: bytes that are not UTF-8 were replaced by U+FFFD", file=sys.stderr)

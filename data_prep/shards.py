@@ -91,6 +91,12 @@ class _ShardWriter:
         if self._tokens >= self.max_tokens:
             self.close_shard()
 
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._file.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+
     def close_shard(self) -> None:
         if self._tar is None:
             return
@@ -168,17 +174,22 @@ def write_shards(inputs: list[str], tokenizer: str, out_dir: str | Path, shard_s
     from tqdm import tqdm
 
     bar = tqdm(unit="doc", desc="tokenising", disable=not progress, file=sys.stderr, mininterval=1.0)
-    for i, arr in enumerate(_encoded(_batches(docs), str(tokenizer), dtype, workers)):
-        if is_valid_doc(i, valid_fraction):
-            valid_docs.append((i, arr))
-        else:
-            train.add(i, arr)
-        n_tokens += arr.size
-        bar.update(1)
-        if i % 256 == 0:
-            bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
-    bar.close()
-    train.close_shard()
+    try:
+        for i, arr in enumerate(_encoded(_batches(docs), str(tokenizer), dtype, workers)):
+            if is_valid_doc(i, valid_fraction):
+                valid_docs.append((i, arr))
+            else:
+                train.add(i, arr)
+            n_tokens += arr.size
+            bar.update(1)
+            if i % 256 == 0:
+                bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tokens/s")
+        train.close_shard()
+    except BaseException:
+        train.abort()  # no half-written shard left behind; the folder has no manifest, so reads as unfinished
+        raise
+    finally:
+        bar.close()
     seconds = time.perf_counter() - t0
     if stats.documents == 0:
         raise InputError(f"no documents in {', '.join(map(str, paths))}: the inputs are empty or whitespace only")

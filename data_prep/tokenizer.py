@@ -73,7 +73,8 @@ class SentencePieceTokenizer:
         return self._sp.encode(text, out_type=int)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts, out_type=int)
+        # one thread: the shard tool parallelises over processes, one per core
+        return self._sp.encode(texts, out_type=int, num_threads=1)
 
     def decode(self, ids: Sequence[int]) -> str:
         n = self._sp.get_piece_size()

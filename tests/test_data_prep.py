@@ -170,6 +170,21 @@ def test_empty_input(tmp_path, tok_path):
     assert m["documents"] == 1 and m["empty_documents_skipped"] == 2
 
 
+def test_tokenizer_cli_empty_input(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert cli_main(["tokenizer", "--input", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t.model")]) == 2
+    assert "empty.txt" in capsys.readouterr().err and not (tmp_path / "t.model").exists()
+
+
+def test_crash_mid_run_leaves_no_partial_files(tmp_path, tok_path):
+    (tmp_path / "a.txt").write_text("Fine text. " * 2000)
+    (tmp_path / "b.jsonl").write_text('{"nope": 1}\n')
+    with pytest.raises(InputError):
+        write_shards([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], str(tok_path), tmp_path / "o",
+                     shard_size="1M", workers=1, progress=False)
+    assert list((tmp_path / "o").iterdir()) == []
+
+
 def test_non_utf8_replaced_or_strict(tmp_path, tok_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\u00e9 au lait".encode("latin-1"))
