@@ -109,10 +109,6 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     ``use_cpu_initialization`` builds identical replicas and TP slices of one weight,
     and megatron's RNG tracker adds the tensor-parallel and expert states.
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    ensure_platform()
     launch = read_launch_env()
     model_parallel = tensor_parallel * pipeline_parallel
     if tensor_parallel < 1 or pipeline_parallel < 1 or launch.world_size % model_parallel:
@@ -120,6 +116,10 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
             f"world size {launch.world_size} is not divisible by tensor_parallel "
             f"({tensor_parallel}) x pipeline_parallel ({pipeline_parallel}) = {model_parallel}"
         )
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    ensure_platform()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())

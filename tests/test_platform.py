@@ -159,3 +159,30 @@ def test_tp_pp_dp_match_single_process():
     # Only the last pipeline stage has the loss.
     assert r0["pp_loss"] is None
     assert r1["pp_loss"] == pytest.approx(r1["ref_loss"], rel=1e-5)
+
+
+def test_launch_env_torchrun_slurm_single(monkeypatch):
+    from megatron_jrt.distributed import init_distributed, parse_first_host, read_launch_env
+
+    assert parse_first_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert parse_first_host("node7,node8") == "node7"
+    assert parse_first_host("rack[2-3]n[05-06]") == "rack2n05"
+
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "123456"}
+    env = read_launch_env(slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.source) == (3, 8, 1, "slurm")
+    assert env.master_port == 15000 + 123456 % 20000
+    if not __import__("shutil").which("scontrol"):
+        assert env.master_addr == "gpu003"
+    torchrun = dict(slurm, RANK="5", WORLD_SIZE="16", LOCAL_RANK="2", MASTER_ADDR="h",
+                    MASTER_PORT="2222")
+    env = read_launch_env(torchrun)  # torchrun's variables win inside a Slurm job
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == \
+        (5, 16, 2, "h", 2222)
+    assert read_launch_env({}).world_size == 1
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match="not divisible"):
+        init_distributed(tensor_parallel=3)

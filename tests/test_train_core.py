@@ -30,18 +30,25 @@ def _nan_on_step(step: int, nan_step: int):
     return forward_step
 
 
-def _train(use_distributed_optimizer: bool):
+def _train(use_distributed_optimizer: bool, pipeline_parallel: int = 1, init_params=None):
     from megatron.core import parallel_state
 
     from megatron_jrt.distributed import init_distributed
     from megatron_jrt.training import build_optimizer, eval_step, train_step, wrap_with_ddp
+    from tests.test_platform import _global_name
 
-    init_distributed(1, 1, seed=4321)
+    init_distributed(1, pipeline_parallel, seed=4321)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     num_microbatches = GLOBAL_BATCH // (MICRO * dp_size)
 
     model = tiny_gpt()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if init_params is not None:  # the single-process run's weights, by global name
+        offset = parallel_state.get_pipeline_model_parallel_rank() * (2 // pipeline_parallel)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(init_params[_global_name(name, offset)])
     chunks = wrap_with_ddp([model], model.config, use_distributed_optimizer=use_distributed_optimizer)
     optimizer, scheduler = build_optimizer(
         chunks, lr=3e-3, min_lr=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
@@ -73,33 +80,53 @@ def _train(use_distributed_optimizer: bool):
     evaluation = eval_step(gpt_forward_step, iter(my_microbatches(eval_batch)), chunks,
                            num_microbatches=num_microbatches, seq_length=SEQ,
                            micro_batch_size=MICRO)
-    return dict(history=history, eval=evaluation["lm loss"])
+    return dict(history=history, eval=evaluation["lm loss"], initial=initial)
+
+
+def _dp2_then_pp2(init_params):
+    dp = _train(True)
+    dp.pop("initial")
+    pp = _train(True, pipeline_parallel=2, init_params=init_params)
+    pp.pop("initial")
+    return dp, pp
 
 
 @pytest.fixture(scope="module")
 def runs():
     single = launch(_train, 1, False, in_process=True)[0]
-    ranks = launch(_train, 2, True, timeout=300)
-    return single, ranks
+    results = launch(_dp2_then_pp2, 2, single.pop("initial"), timeout=300)
+    return single, [dp for dp, _ in results], [pp for _, pp in results]
 
 
-def test_dp2_distributed_optimizer_matches_single_process(runs):
-    single, ranks = runs
-    assert repr(ranks[0]) == repr(ranks[1])  # every rank reports the same (repr: NaN-aware)
-    for a, b in zip(single["history"], ranks[0]["history"]):
+def _same_curve(single, other):
+    for a, b in zip(single["history"], other["history"], strict=True):
         assert a["skipped"] == b["skipped"]
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
         assert a["sched"] == b["sched"]
         if not a["skipped"]:
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    assert ranks[0]["eval"] == pytest.approx(single["eval"], rel=1e-5)
+    assert other["eval"] == pytest.approx(single["eval"], rel=1e-5)
+
+
+def test_dp2_distributed_optimizer_matches_single_process(runs):
+    single, dp, _ = runs
+    assert repr(dp[0]) == repr(dp[1])  # every rank reports the same (repr: NaN-aware)
+    _same_curve(single, dp[0])
     losses = [h["loss"] for h in single["history"] if not h["skipped"]]
     assert losses[-1] < losses[0]  # it trains
 
 
+def test_pp2_matches_single_process(runs):
+    single, _, pp = runs
+    for rank in pp:  # the last stage's losses reach the first stage too
+        assert [h["loss"] for h in rank["history"]][:NAN_STEP] == \
+            [h["loss"] for h in pp[1]["history"]][:NAN_STEP]
+        _same_curve(single, rank)
+
+
 def test_nan_loss_skips_the_update(runs):
-    single, ranks = runs
+    single, ranks, _ = runs
     for run in (single, ranks[0]):
         history = run["history"]
         assert [h["skipped"] for h in history] == [s == NAN_STEP for s in range(STEPS)]
