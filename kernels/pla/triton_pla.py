@@ -54,6 +54,60 @@ def _quad_grad(g2, x, C: tl.constexpr, F: tl.constexpr):
     return tl.sum(tl.reshape(g2, (C, F, F)) * x[:, None, :], axis=2)
 
 
+@triton.jit
+def _feat2(X, rows, rm, TA, TB, TW, off: tl.constexpr, R: tl.constexpr, F: tl.constexpr, TRANS: tl.constexpr):
+    """Quadratic features gathered from memory (the chunk is L1-resident), no register reshape:
+    feature t = x[a_t] x[b_t] w_t (x already the raw input; caller scales). [C, R] or [R, C]."""
+    t = off + tl.arange(0, R)
+    a = tl.load(TA + t)
+    b = tl.load(TB + t)
+    w = tl.load(TW + t)
+    if TRANS:
+        xa = tl.load(X + rows[None, :] * F + a[:, None], mask=rm[None, :], other=0.).to(tl.float32)
+        xb = tl.load(X + rows[None, :] * F + b[:, None], mask=rm[None, :], other=0.).to(tl.float32)
+        return xa * xb * w[:, None]
+    else:
+        xa = tl.load(X + rows[:, None] * F + a[None, :], mask=rm[:, None], other=0.).to(tl.float32)
+        xb = tl.load(X + rows[:, None] * F + b[None, :], mask=rm[:, None], other=0.).to(tl.float32)
+        return xa * xb * w[None, :]
+
+
+@triton.jit
+def _load_s2(S, Z, bh, TA, TB, TW, off: tl.constexpr, R: tl.constexpr, offs_v, mv, DV, F: tl.constexpr):
+    """Packed quadratic state rows [off, off + R) from the public unpacked layout.
+    packed row t (pair a <= b, weight w) = public row (a, b) * sqrt2 * w (scale^2 folded by caller)."""
+    D: tl.constexpr = 1 + F + F * F
+    t = off + tl.arange(0, R)
+    a = tl.load(TA + t)
+    b = tl.load(TB + t)
+    w = tl.load(TW + t)
+    live = w != 0
+    pub = bh * D + 1 + F + a * F + b
+    s2 = tl.load(S + pub[:, None] * DV + offs_v[None, :], mask=live[:, None] & mv[None, :], other=0.) * (w * 1.4142135623730951)[:, None]
+    z2 = tl.load(Z + pub, mask=live, other=0.) * w * 1.4142135623730951
+    return s2, z2
+
+
+@triton.jit
+def _store_s2(S, Z, bh, s2, z2, TA, TB, TW, off: tl.constexpr, R: tl.constexpr, offs_v, mv, DV, F: tl.constexpr, STORE_Z):
+    """Inverse of _load_s2, writing both symmetric public rows (a, b) and (b, a)."""
+    D: tl.constexpr = 1 + F + F * F
+    t = off + tl.arange(0, R)
+    a = tl.load(TA + t)
+    b = tl.load(TB + t)
+    w = tl.load(TW + t)
+    live = w != 0
+    inv = tl.where(live, 1.0 / (w * 1.4142135623730951), 0.0)
+    for sw in tl.static_range(2):
+        if sw == 0:
+            pub = bh * D + 1 + F + a * F + b
+        else:
+            pub = bh * D + 1 + F + b * F + a
+        tl.store(S + pub[:, None] * DV + offs_v[None, :], s2 * inv[:, None], mask=live[:, None] & mv[None, :])
+        if STORE_Z:
+            tl.store(Z + pub, z2 * inv, mask=live)
+
+
 # ----------------------------------------------------------------------------- prefix reduction
 @triton.jit
 def _enc_kernel(KE, VE, PS, PZ, M, DV, TOK_PER_SPLIT, scale,
@@ -171,6 +225,162 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, N, DV, scale, eps
             tl.store(Z_OUT + base + tl.arange(0, 1), z0 + tl.zeros([1], tl.float32))
             tl.store(Z_OUT + base + 1 + offs_f, z1)
             tl.store(Z_OUT + base + 1 + F + offs_ff, z2 / 1.4142135623730951)
+
+
+# ----------------------------------------------------------------------------- forward, gathered features
+@triton.jit
+def _enc_g_kernel(KE, VE, PS, PZ, TA, TB, TW, M, DV, TOK_PER_SPLIT, scale,
+                  F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                  R1: tl.constexpr, R2: tl.constexpr):
+    """_enc_kernel with the quadratic features gathered (R1 + R2 rows; packed when R1 = 128)."""
+    bh = tl.program_id(0)
+    pv = tl.program_id(1)
+    sp = tl.program_id(2)
+    BH = tl.num_programs(0)
+    D: tl.constexpr = 1 + F + F * F
+    DT = KE.dtype.element_ty
+    sc2 = scale * scale
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    s0 = tl.zeros([BV], tl.float32)
+    s1 = tl.zeros([F, BV], tl.float32)
+    s2a = tl.zeros([R1, BV], tl.float32)
+    s2b = tl.zeros([16, BV], tl.float32)  # used only when R2 = 16
+    z0 = tl.zeros([C], tl.float32)
+    z1 = tl.zeros([F], tl.float32)
+    z2a = tl.zeros([R1], tl.float32)
+    z2b = tl.zeros([16], tl.float32)
+    start = sp * TOK_PER_SPLIT
+    end = tl.minimum(start + TOK_PER_SPLIT, M)
+    X = KE + bh * M * F
+    for c0 in range(start, end, C):
+        rows = c0 + offs_c
+        rm = rows < end
+        k = tl.load(X + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        v = tl.load(VE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        k2t = _feat2(X, rows, rm, TA, TB, TW, 0, R1, F, True) * sc2
+        s2a += tl.dot(k2t.to(DT), v, input_precision=PREC)
+        z2a += tl.sum(k2t, axis=1)
+        if R2 > 0:
+            k2t_b = _feat2(X, rows, rm, TA, TB, TW, R1, R2, F, True) * sc2
+            s2b += tl.dot(k2t_b.to(DT), v, input_precision=PREC)
+            z2b += tl.sum(k2t_b, axis=1)
+        s1 += tl.dot(tl.trans(k.to(DT)), v, input_precision=PREC)
+        s0 += tl.sum(v.to(tl.float32), axis=0)
+        z1 += tl.sum(k, axis=0)
+        z0 += rm.to(tl.float32)
+    so = sp * BH + bh
+    base = so * D
+    tl.store(PS + base * DV + offs_v, s0, mask=mv)
+    tl.store(PS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
+    _store_s2(PS, PZ, so, s2a, z2a, TA, TB, TW, 0, R1, offs_v, mv, DV, F, pv == 0)
+    if R2 > 0:
+        _store_s2(PS, PZ, so, s2b, z2b, TA, TB, TW, R1, R2, offs_v, mv, DV, F, pv == 0)
+    if pv == 0:
+        tl.store(PZ + base + tl.arange(0, 1), tl.sum(z0, axis=0) + tl.zeros([1], tl.float32))
+        tl.store(PZ + base + 1 + offs_f, z1)
+
+
+@triton.jit
+def _fwd_g_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, TA, TB, TW, N, DV, scale, eps,
+                  F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                  STORE_DEN: tl.constexpr, STORE_STATE: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr):
+    """_fwd_kernel with the quadratic features gathered (R1 + R2 rows; packed when R1 = 128)."""
+    bh = tl.program_id(0)
+    pv = tl.program_id(1)
+    D: tl.constexpr = 1 + F + F * F
+    DT = Q.dtype.element_ty
+    sc2 = scale * scale
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    base = bh * D
+    s0 = tl.load(S_INIT + base * DV + offs_v, mask=mv, other=0.)
+    s1 = tl.load(S_INIT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
+    z0 = tl.sum(tl.load(Z_INIT + base + tl.arange(0, 1)), axis=0)
+    z1 = tl.load(Z_INIT + base + 1 + offs_f)
+    s2a, z2a = _load_s2(S_INIT, Z_INIT, bh, TA, TB, TW, 0, R1, offs_v, mv, DV, F)
+    if R2 > 0:
+        s2b, z2b = _load_s2(S_INIT, Z_INIT, bh, TA, TB, TW, R1, R2, offs_v, mv, DV, F)
+    else:
+        s2b = tl.zeros([16, BV], tl.float32)
+        z2b = tl.zeros([16], tl.float32)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    XQ = Q + bh * N * F
+    XK = K + bh * N * F
+    for c0 in range(0, N, C):
+        rows = c0 + offs_c
+        rm = rows < N
+        q = tl.load(XQ + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        k = tl.load(XK + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
+        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        qd = q.to(DT)
+        kd = k.to(DT)
+        q2 = _feat2(XQ, rows, rm, TA, TB, TW, 0, R1, F, False) * sc2
+        num = s0[None, :] + tl.dot(qd, s1.to(DT), input_precision=PREC) \
+            + 0.5 * tl.dot(q2.to(DT), s2a.to(DT), input_precision=PREC)
+        den = z0 + tl.sum(q * z1[None, :], axis=1) + 0.5 * tl.sum(q2 * z2a[None, :], axis=1)
+        if R2 > 0:
+            q2b = _feat2(XQ, rows, rm, TA, TB, TW, R1, R2, F, False) * sc2
+            num += 0.5 * tl.dot(q2b.to(DT), s2b.to(DT), input_precision=PREC)
+            den += 0.5 * tl.sum(q2b * z2b[None, :], axis=1)
+        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)
+        a = tl.where(causal & rm[None, :], 1.0 + s + 0.5 * s * s, 0.0)
+        num += tl.dot(a.to(DT), v, input_precision=PREC)
+        den += tl.sum(a, axis=1)
+        den = den + eps
+        y = num / den[:, None]
+        tl.store(Y + bh * N * DV + rows[:, None] * DV + offs_v[None, :], y.to(Y.dtype.element_ty), mask=rm[:, None] & mv[None, :])
+        if STORE_DEN:
+            if pv == 0:
+                tl.store(DEN + bh * N + rows, den, mask=rm)
+        k2t = _feat2(XK, rows, rm, TA, TB, TW, 0, R1, F, True) * sc2
+        s2a += tl.dot(k2t.to(DT), v, input_precision=PREC)
+        z2a += tl.sum(k2t, axis=1)
+        if R2 > 0:
+            k2t_b = _feat2(XK, rows, rm, TA, TB, TW, R1, R2, F, True) * sc2
+            s2b += tl.dot(k2t_b.to(DT), v, input_precision=PREC)
+            z2b += tl.sum(k2t_b, axis=1)
+        s1 += tl.dot(tl.trans(kd), v, input_precision=PREC)
+        s0 += tl.sum(v.to(tl.float32), axis=0)
+        z1 += tl.sum(k, axis=0)
+        z0 += tl.sum(rm.to(tl.float32), axis=0)
+    if STORE_STATE:
+        tl.store(S_OUT + base * DV + offs_v, s0, mask=mv)
+        tl.store(S_OUT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
+        _store_s2(S_OUT, Z_OUT, bh, s2a, z2a, TA, TB, TW, 0, R1, offs_v, mv, DV, F, pv == 0)
+        if R2 > 0:
+            _store_s2(S_OUT, Z_OUT, bh, s2b, z2b, TA, TB, TW, R1, R2, offs_v, mv, DV, F, pv == 0)
+        if pv == 0:
+            tl.store(Z_OUT + base + tl.arange(0, 1), z0 + tl.zeros([1], tl.float32))
+            tl.store(Z_OUT + base + 1 + offs_f, z1)
+
+
+_TABLES: dict = {}
+
+
+def _tables(mode, device):
+    """Index tables (a, b, w) for the quadratic features. mode "unpacked": 256 rows (a, b) = (t//16, t%16);
+    mode "packed": 120 pairs a < b with weight sqrt2, then the 16 diagonal rows, padded to 128 + 16."""
+    key = (mode, str(device))
+    if key not in _TABLES:
+        F = F_SUPPORTED
+        if mode == "unpacked":
+            ab = [(a, b, 1.0) for a in range(F) for b in range(F)]
+        else:
+            ab = [(a, b, SQRT2) for a in range(F) for b in range(a + 1, F)] + [(a, a, 1.0) for a in range(F)]
+            ab += [(0, 0, 0.0)] * (144 - len(ab))
+        _TABLES[key] = (torch.tensor([x[0] for x in ab], dtype=torch.int32, device=device),
+                        torch.tensor([x[1] for x in ab], dtype=torch.int32, device=device),
+                        torch.tensor([x[2] for x in ab], dtype=torch.float32, device=device))
+    return _TABLES[key]
+
+
+def _rows(mode):
+    return (256, 0) if mode == "unpacked" else (128, 16)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -376,7 +586,7 @@ def _cfg(dv, kind):
     return _CFG.get((kind, dv), _CFG_DEFAULT)
 
 
-_CFG_DEFAULT = dict(C=64, BV=32, num_warps=4, num_stages=1)
+_CFG_DEFAULT = dict(C=64, BV=32, num_warps=4, num_stages=1, feat="packed")
 _CFG: dict = {}
 _INTERPRET_C = 16  # chunk under TRITON_INTERPRET (CPU tests)
 
@@ -401,8 +611,14 @@ def _encoder(k_enc, v_enc, cfg, min_programs=None):
     split = triton.cdiv(M, tok) if M > 0 else 1
     PS = torch.empty(split, BH, D, DV, device=k_enc.device, dtype=torch.float32)
     PZ = torch.empty(split, BH, D, device=k_enc.device, dtype=torch.float32)
+    mode = cfg.get("feat", "reshape")
     if M == 0:
         PS.zero_(), PZ.zero_()
+    elif mode != "reshape":
+        R1, R2 = _rows(mode)
+        _enc_g_kernel[(BH, nv, split)](k_enc, v_enc, PS, PZ, *_tables(mode, k_enc.device), M, DV, tok, F ** -0.25,
+                                       F=F, C=C, BV=BV, PREC=_prec(k_enc.dtype), R1=R1, R2=R2,
+                                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     else:
         _enc_kernel[(BH, nv, split)](k_enc, v_enc, PS, PZ, M, DV, tok, F ** -0.25, F=F, C=C, BV=BV,
                                      PREC=_prec(k_enc.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -424,7 +640,14 @@ def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
     den = torch.empty(B, H, N, device=q.device, dtype=torch.float32) if store_den else y
     S_out = torch.empty(B, H, D, DV, device=q.device, dtype=torch.float32) if store_state else y
     Z_out = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if store_state else y
-    if N > 0:
+    mode = cfg.get("feat", "reshape")
+    if N > 0 and mode != "reshape":
+        R1, R2 = _rows(mode)
+        _fwd_g_kernel[(B * H, nv)](q, k, v, Se, Ze, y, den, S_out, Z_out, *_tables(mode, q.device), N, DV, F ** -0.25, eps,
+                                   F=F, C=_chunk(cfg), BV=BV, PREC=_prec(q.dtype), STORE_DEN=store_den,
+                                   STORE_STATE=store_state, R1=R1, R2=R2,
+                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    elif N > 0:
         _fwd_kernel[(B * H, nv)](q, k, v, Se, Ze, y, den, S_out, Z_out, N, DV, F ** -0.25, eps, F=F, C=_chunk(cfg), BV=BV,
                                  PREC=_prec(q.dtype), STORE_DEN=store_den, STORE_STATE=store_state,
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
