@@ -138,3 +138,33 @@ def test_nan_loss_skips_the_update(runs):
         assert all(math.isfinite(h["loss"]) for h in history if not h["skipped"])
     assert single["history"][0]["lr"] == 0.0  # warmup starts at 0, as in Megatron-LM
     assert single["history"][1]["lr"] == pytest.approx(3e-3)
+
+
+def _bf16_steps(use_distributed_optimizer: bool):
+    from megatron_jrt.distributed import init_distributed
+    from megatron_jrt.training import build_optimizer, train_step, wrap_with_ddp
+
+    init_distributed()
+    model = tiny_gpt()
+    model.config.bf16 = True  # a real run sets it before building; Float16Module casts here
+    chunks = wrap_with_ddp([model], model.config, use_distributed_optimizer=use_distributed_optimizer)
+    optimizer, scheduler = build_optimizer(
+        chunks, lr=1e-3, min_lr=0.0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+        adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=use_distributed_optimizer,
+        bf16=True, warmup_steps=0, decay_steps=5, global_batch_size=GLOBAL_BATCH,
+    )
+    results = [train_step(gpt_forward_step, iter([batch]), chunks, optimizer, scheduler,
+                          num_microbatches=1, seq_length=SEQ, micro_batch_size=GLOBAL_BATCH)
+               for batch in token_batches(2, GLOBAL_BATCH)]
+    kinds = [type(o).__name__ for o in optimizer.chained_optimizers]
+    return results, kinds, next(model.parameters()).dtype
+
+
+@pytest.mark.parametrize("use_distributed_optimizer", [False, True])
+def test_bf16_steps_on_cpu(use_distributed_optimizer):
+    results, kinds, dtype = launch(_bf16_steps, 1, use_distributed_optimizer, in_process=True)[0]
+    assert dtype == torch.bfloat16
+    assert kinds == ["DistributedOptimizer" if use_distributed_optimizer
+                     else "Float16OptimizerWithFloat16Params"]
+    assert not any(r.skipped for r in results)
+    assert all(math.isfinite(r.losses["lm loss"]) and r.grad_norm > 0 for r in results)
