@@ -297,13 +297,17 @@ class PackedSequenceReader:
             it = iter(torch.utils.data.DataLoader(
                 _WorkerDataset(p, self._epoch, self._position), batch_size=None,
                 num_workers=self.num_workers, prefetch_factor=4))
-        for batch, skipped in it:
-            if skipped:
-                self._skipped.update(skipped)
-            self._position += 1
-            if self._position == self.batches_per_epoch:
-                self._epoch, self._position = self._epoch + 1, 0
-            yield batch
+        try:
+            for batch, skipped in it:
+                if skipped:
+                    self._skipped.update(skipped)
+                self._position += 1
+                if self._position == self.batches_per_epoch:
+                    self._epoch, self._position = self._epoch + 1, 0
+                yield batch
+        finally:
+            # stop DataLoader workers now, also when an error's traceback keeps this frame alive
+            getattr(it, "_shutdown_workers", lambda: None)()
 
     def _config(self) -> dict:
         p = self._plan

@@ -229,3 +229,15 @@ def test_cli_module_end_to_end(tmp_path, corpus):
     assert m["tokenizer"]["hash"] == load_tokenizer(str(tok)).hash
     assert cli_main(["shards", "--input", str(tmp_path / "none.txt"), "--tokenizer", str(tok),
                      "--out", str(tmp_path / "s2")]) == 2
+
+
+def test_prepare_bundled_is_idempotent(tmp_path):
+    from data_prep.corpus import prepare_bundled
+    from data_prep.reader import PackedSequenceReader
+
+    a = prepare_bundled(tmp_path, vocab_size=1000)
+    mtime = (Path(a["data_dir"]) / "manifest.json").stat().st_mtime_ns
+    assert prepare_bundled(tmp_path, vocab_size=1000) == a
+    assert (Path(a["data_dir"]) / "manifest.json").stat().st_mtime_ns == mtime  # nothing redone
+    r = PackedSequenceReader(a["data_dir"], "valid", 256, 2, tokenizer_hash=a["tokenizer_hash"])
+    assert len(r) > 0

@@ -167,14 +167,15 @@ def test_truncated_shard_is_caught(data, tmp_path, cut):
         take(r, 1)
 
 
-def test_flipped_byte_is_caught(data, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_flipped_byte_is_caught(data, tmp_path, workers):
     d, m = _copy(data, tmp_path)
     f = d / m["splits"]["train"][0]["file"]
     raw = bytearray(f.read_bytes())
     raw[2000] ^= 0x01
     f.write_bytes(bytes(raw))
-    with pytest.raises(ShardError, match=rf"{f.name}: sha256 does not match"):
-        take(PackedSequenceReader(str(d), "train", L, B, shuffle=False, num_workers=0), 1)
+    with pytest.raises(ShardError, match=rf"{f.name}: sha256 does not match"):  # also from a DataLoader worker
+        take(PackedSequenceReader(str(d), "train", L, B, shuffle=False, num_workers=workers), 1)
 
 
 def test_counts_checked_while_reading(data, tmp_path):
