@@ -60,6 +60,10 @@ class DataSection:
     global_batch_size: int = 256
     num_workers: int = 2
     skip_corrupt: bool = False
+    # Random tokens instead of shards (Megatron-LM's --mock-data): for smoke tests and for
+    # checks that must not depend on how shards are split across ranks.
+    mock_data: bool = False
+    mock_vocab_size: int = 1000
 
 
 @dataclass
@@ -351,7 +355,7 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
         "parallel.tensor_parallel", "parallel.pipeline_parallel", "data.seq_length",
         "data.micro_batch_size", "data.global_batch_size", "training.max_consecutive_nonfinite",
         "training.eval_interval", "training.log_interval", "checkpoint.save_interval",
-        "checkpoint.keep_last",
+        "checkpoint.keep_last", "data.mock_vocab_size",
     }
     non_negative = {
         "data.num_workers", "training.train_steps", "training.eval_steps", "training.sample_tokens",
@@ -390,8 +394,8 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
         fail("optimizer.decay_steps", f"must be positive or null (= training.train_steps), "
                                       f"got {opt.decay_steps}")
     decay = opt.decay_steps if opt.decay_steps is not None else cfg.training.train_steps
-    if cfg.training.train_steps > 0 and opt.warmup_steps > decay:
-        fail("optimizer.warmup_steps", f"{opt.warmup_steps} is longer than the decay "
+    if cfg.training.train_steps > 0 and opt.warmup_steps >= decay:
+        fail("optimizer.warmup_steps", f"{opt.warmup_steps} must be shorter than the decay "
                                        f"({decay} steps, optimizer.decay_steps or "
                                        f"training.train_steps); lower it")
 

@@ -83,7 +83,7 @@ def _err(tmp_path, data=None, sets=(), world_size=None):
     (None, ["optimizer.min_lr=-1", "optimizer.lr=1"], None, "optimizer.min_lr: must be >= 0"),
     (None, ["optimizer.adam_beta2=1.0"], None, "optimizer.adam_beta2: must be in [0, 1)"),
     (None, ["optimizer.lr_decay_style=step"], None, "optimizer.lr_decay_style: 'step' is not"),
-    (None, ["optimizer.warmup_steps=50"], None, "optimizer.warmup_steps: 50 is longer"),
+    (None, ["optimizer.warmup_steps=50"], None, "optimizer.warmup_steps: 50 must be shorter"),
     (None, ["training.recompute=selective"], None, "training.recompute: 'selective'"),
     (None, ["checkpoint.resume=/no/such/ckpt"], None, "checkpoint.resume: '/no/such/ckpt'"),
     (None, ["checkpoint.resume=auto"], None, "checkpoint.resume: 'auto'"),

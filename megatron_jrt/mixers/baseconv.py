@@ -15,6 +15,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.parallel_state import get_tensor_model_parallel_rank
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch import Tensor, nn
 
@@ -36,10 +37,12 @@ class BaseConv(MegatronModule):
         tp_group = pg_collection.tp if pg_collection is not None else None
         width = 2 * config.hidden_size
         self.local_width = width // config.tensor_model_parallel_size
+        # stride 2: with CPU initialisation each rank keeps its [u1, u2] rows of one master
+        # weight, so the model is the same function whatever the TP size (as megatron's MLP).
         self.in_proj = build_module(
             submodules.in_proj, config.hidden_size, 2 * width, config=config,
             init_method=config.init_method, gather_output=False, bias=True, skip_bias_add=False,
-            is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
+            is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group, stride=2)
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.conv_weight = nn.Parameter(
             torch.empty(self.local_width, 1, kernel_size, device=device, dtype=config.params_dtype))
@@ -47,8 +50,20 @@ class BaseConv(MegatronModule):
         self.conv_weight.partition_dim = 0
         self.conv_weight.partition_stride = 1
         if config.perform_initialization:
+            self._init_conv_weight(config, width)
+
+    def _init_conv_weight(self, config: TransformerConfig, width: int) -> None:
+        """normal(0.02), from a master copy on CPU (like megatron's CPU init), else per-rank RNG."""
+        if not config.use_cpu_initialization:
             with get_cuda_rng_tracker().fork():
                 nn.init.normal_(self.conv_weight, std=config.init_method_std)
+            return
+        master = torch.empty(width, 1, self.kernel_size, dtype=torch.float32)
+        nn.init.normal_(master, std=config.init_method_std)
+        rank = get_tensor_model_parallel_rank()
+        local = master[rank * self.local_width:(rank + 1) * self.local_width]
+        with torch.no_grad():
+            self.conv_weight.copy_(local)
         self.out_proj = build_module(
             submodules.out_proj, width, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=True, input_is_parallel=True,

@@ -1,0 +1,98 @@
+"""Where the trainer's micro-batches come from: shards through the packed reader, or mock tokens.
+
+Both sources yield [micro_batch, L+1] token windows and carry a small resumable state. The
+trainer turns each window into a `JRTBatch` (masking seeded by the sample's global index), so
+what a sample looks like does not depend on the parallel layout.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from megatron_jrt.loss import JRTBatch, make_jrt_batch
+
+
+class TokenSource(Protocol):
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class MockTokens:
+    """Random token windows; window i is a function of (seed, i) alone.
+
+    Data-parallel rank r of d reads windows so that the global batch of a step holds the same
+    windows, in the same order, whatever d is (like Megatron-LM's --mock-data).
+    """
+
+    def __init__(self, *, vocab_size: int, seq_length: int, micro_batch_size: int,
+                 global_batch_size: int, dp_rank: int, dp_world_size: int, seed: int):
+        self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
+        self.micro_batch_size = micro_batch_size
+        self.per_rank = global_batch_size // dp_world_size
+        self.global_batch_size, self.dp_rank = global_batch_size, dp_rank
+        self.consumed = 0  # windows this rank has read
+
+    def _window(self, index: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 7919 + index)
+        return torch.randint(0, self.vocab_size, (self.seq_length + 1,), generator=generator)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            step, offset = divmod(self.consumed, self.per_rank)
+            first = step * self.global_batch_size + self.dp_rank * self.per_rank + offset
+            self.consumed += self.micro_batch_size
+            yield torch.stack([self._window(first + i) for i in range(self.micro_batch_size)])
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = int(state["consumed"])
+
+
+def build_token_source(data, split: str, *, dp_rank: int, dp_world_size: int, seed: int,
+                       tokenizer_hash: str | None) -> TokenSource:
+    """The reader for `split` ("train" or "valid") described by the config's data section."""
+    if data.mock_data:
+        return MockTokens(vocab_size=data.mock_vocab_size, seq_length=data.seq_length,
+                          micro_batch_size=data.micro_batch_size,
+                          global_batch_size=data.global_batch_size, dp_rank=dp_rank,
+                          dp_world_size=dp_world_size, seed=seed + (split == "valid"))
+    from data_prep.reader import PackedSequenceReader
+
+    if not Path(data.data_dir, "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"data.data_dir: no manifest.json in {data.data_dir!r}; create shards with "
+            "`jrt-prep shards --out DIR ...` or set data.mock_data=true")
+    return PackedSequenceReader(
+        data.data_dir, split, data.seq_length, data.micro_batch_size, dp_rank=dp_rank,
+        dp_world_size=dp_world_size, seed=seed, num_workers=data.num_workers,
+        tokenizer_hash=tokenizer_hash, skip_corrupt=data.skip_corrupt)
+
+
+class JRTBatches:
+    """Micro-batches of one optimizer step as `JRTBatch`es, masked by global sample index."""
+
+    def __init__(self, source: TokenSource, *, prefix_length: int, mask_id: int, seed: int,
+                 global_batch_size: int, dp_rank: int, dp_world_size: int):
+        self.source, self.iterator = source, None
+        self.prefix_length, self.mask_id, self.seed = prefix_length, mask_id, seed
+        self.global_batch_size = global_batch_size
+        self.per_rank = global_batch_size // dp_world_size
+        self.dp_rank = dp_rank
+
+    def step(self, step: int, num_microbatches: int, device) -> list[JRTBatch]:
+        if self.iterator is None:
+            self.iterator = iter(self.source)
+        batches, first = [], step * self.global_batch_size + self.dp_rank * self.per_rank
+        for _ in range(num_microbatches):
+            tokens = next(self.iterator)
+            batches.append(make_jrt_batch(tokens, prefix_length=self.prefix_length,
+                                          mask_id=self.mask_id, seed=self.seed,
+                                          first_sample_index=first).to(device))
+            first += tokens.shape[0]
+        return batches
