@@ -9,7 +9,7 @@ How the stream is defined (all of it computable from manifest.json, nothing from
 3. Every (rank, worker) slot gets a contiguous run of sequences of the same length: rank r owns
    n = G // world sequences starting at r * n, split in turn into `max(1, num_workers)` runs of
    b * B sequences (B = micro_batch_size, b = batches per worker). The few sequences left over
-   (< world * workers * B + world * workers) are dropped for the epoch; every rank yields
+   (fewer than world * (1 + workers * (B + 1))) are dropped for the epoch; every rank yields
    exactly `batches_per_epoch = b * max(1, num_workers)` batches, so DDP never waits on a rank.
 4. A slot reads its run in windows of about `shuffle_window_tokens` tokens; within a window
    the sequence order is a permutation drawn from (seed, epoch, rank, worker, window).
