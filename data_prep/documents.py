@@ -30,7 +30,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     """Files named by `patterns` (paths or globs), in the given order, globs sorted, no repeats."""
     out, seen = [], set()
     for pat in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pat), recursive=True)) if glob.has_magic(pat) else [pat]
+        pat = os.path.expanduser(str(pat))
+        matches = sorted(glob.glob(pat, recursive=True)) if glob.has_magic(pat) else [pat]
         if not matches:
             raise InputError(f"input pattern {pat!r} matches no file")
         for m in matches:
