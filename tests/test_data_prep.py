@@ -65,6 +65,11 @@ def test_trained_tokenizer_special_ids(tok_path):
     assert all(len(tok.decode([p]).strip()) == 1 for p in digits)  # split_digits
 
 
+def test_tokenizer_training_is_deterministic(tmp_path, corpus, tok_path):
+    again = train_sentencepiece(iter_all_documents([corpus]), tmp_path / "again.model", vocab_size=1000)
+    assert again.read_bytes() == tok_path.read_bytes()
+
+
 def test_existing_sentencepiece_model_without_mask(tmp_path):
     import sentencepiece as spm
 
