@@ -3,10 +3,12 @@
     jrt-prep tokenizer --input corpus.jsonl.gz --vocab-size 32000 --out tok.model
     jrt-prep shards --input 'data/*.jsonl.gz' --tokenizer tok.model --out shards/ --shard-size 64M
     jrt-prep tokenizer --bundled ...   /   jrt-prep shards --bundled ...   (the corpus in the repo)
+    jrt-prep verify --data shards/     (every shard against manifest.json; exit 1 if any is bad)
 """
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from data_prep.documents import InputError, ReadStats, expand_inputs, iter_all_documents
 
@@ -63,6 +65,27 @@ def cmd_shards(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Check every shard of a finished run against its manifest (size, sha256, counts)."""
+    import numpy as np
+
+    from data_prep.reader import ShardError, load_manifest, read_shard
+
+    m = load_manifest(args.data)
+    bad = 0
+    for split, entries in m["splits"].items():
+        for e in entries:
+            try:
+                read_shard(Path(args.data) / e["file"], e, np.dtype(m["dtype"]))
+            except ShardError as err:
+                bad += 1
+                print(f"BAD  {err}", file=sys.stderr)
+        print(f"{split}: {len(entries)} shards, {sum(e['samples'] for e in entries)} documents, "
+              f"{sum(e['tokens'] for e in entries):,} tokens")
+    print(f"{bad} bad shard(s); tokenizer sha256 {m['tokenizer']['hash']}")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jrt-prep", description="JRT-RNN data preparation")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -88,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace a finished shard run in --out")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_shards)
+
+    v = sub.add_parser("verify", help="check all shards of --data against manifest.json")
+    v.add_argument("--data", required=True, help="shard folder (holding manifest.json)")
+    v.set_defaults(func=cmd_verify)
     return ap
 
 
@@ -95,7 +122,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InputError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+    except (InputError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:  # incl. ManifestError
         print(f"jrt-prep {args.command}: error: {e}", file=sys.stderr)
         return 2
 

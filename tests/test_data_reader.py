@@ -220,3 +220,15 @@ def test_skip_corrupt_keeps_counts(data, tmp_path, caplog, workers):
     assert r.skipped_shards == 1
     if workers == 0:
         assert bad in caplog.text
+
+
+def test_cli_verify(data, tmp_path, capsys):
+    from data_prep.cli import main
+
+    assert main(["verify", "--data", str(data / "shards")]) == 0
+    d, m = _copy(data, tmp_path)
+    f = d / m["splits"]["valid"][0]["file"]
+    f.write_bytes(f.read_bytes()[:-512])
+    assert main(["verify", "--data", str(d)]) == 1
+    assert f.name in capsys.readouterr().err
+    assert main(["verify", "--data", str(tmp_path / "nowhere")]) == 2
