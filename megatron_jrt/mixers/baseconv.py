@@ -51,6 +51,10 @@ class BaseConv(MegatronModule):
         self.conv_weight.partition_stride = 1
         if config.perform_initialization:
             self._init_conv_weight(config, width)
+        self.out_proj = build_module(
+            submodules.out_proj, width, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=True, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
 
     def _init_conv_weight(self, config: TransformerConfig, width: int) -> None:
         """normal(0.02), from a master copy on CPU (like megatron's CPU init), else per-rank RNG."""
@@ -64,15 +68,12 @@ class BaseConv(MegatronModule):
         local = master[rank * self.local_width:(rank + 1) * self.local_width]
         with torch.no_grad():
             self.conv_weight.copy_(local)
-        self.out_proj = build_module(
-            submodules.out_proj, width, config.hidden_size, config=config,
-            init_method=config.output_layer_init_method, bias=True, input_is_parallel=True,
-            skip_bias_add=True, is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group)
 
     def forward(self, hidden_states: Tensor, attention_mask=None, inference_context=None,
                 **kwargs) -> tuple[Tensor, Tensor | None]:
         if inference_context is not None:
-            raise NotImplementedError("use megatron_jrt.inference for recurrent decoding")
+            raise NotImplementedError("megatron inference contexts are not supported; "
+                                      "use megatron_jrt.generate")
         u, _ = self.in_proj(hidden_states)  # [s, b, 2 * local_width]
         u1, u2 = u.chunk(2, dim=-1)
         seq_len = u1.shape[0]

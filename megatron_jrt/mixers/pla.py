@@ -60,7 +60,8 @@ class PrefixLinearAttention(MegatronModule):
     def forward(self, hidden_states: Tensor, attention_mask=None, inference_context=None,
                 **kwargs) -> tuple[Tensor, Tensor | None]:
         if inference_context is not None:
-            raise NotImplementedError("use megatron_jrt.inference for recurrent decoding")
+            raise NotImplementedError("megatron inference contexts are not supported; "
+                                      "use megatron_jrt.generate")
         seq_len, batch = hidden_states.shape[:2]
         f, dv = self.feature_dim, self.head_dim
         qkv, _ = self.linear_qkv(hidden_states)

@@ -1,0 +1,116 @@
+"""`jrt-train` end to end on CPU: layouts agree, the demo learns, metrics reach TensorBoard."""
+import math
+
+import pytest
+
+from tests.multiproc import launch
+
+STEPS = 4
+MOCK = ["data.mock_data=true", "data.mock_vocab_size=256", "data.seq_length=48",
+        "data.micro_batch_size=2", "data.global_batch_size=4", "data.num_workers=0",
+        f"training.train_steps={STEPS}", "training.eval_steps=1", "training.eval_interval=2",
+        "training.log_interval=1", "optimizer.warmup_steps=1", "optimizer.lr=3e-3",
+        "optimizer.min_lr=3e-4", "logging.progress_bar=false", "model.preset=jrt-tiny"]
+
+
+def _run(overrides: list[str]):
+    from megatron_jrt.distributed import init_distributed
+    from megatron_jrt.train import train
+    from megatron_jrt.train_config import load_config
+
+    cfg = load_config(None, overrides)
+    init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                     seed=cfg.training.seed)
+    return train(cfg)
+
+
+def _layouts(run_dir):
+    """Same global batch as DP=2 (distributed optimizer) and as TP=2, in one launch."""
+    dp = _run(MOCK + [f"logging.run_dir={run_dir}/dp2"])
+    tp = _run(MOCK + ["parallel.tensor_parallel=2", f"logging.run_dir={run_dir}/tp2"])
+    return dp.losses, tp.losses, dp.validation, tp.validation
+
+
+def test_dp2_and_tp2_follow_the_single_process_loss_curve(tmp_path):
+    single = launch(_run, 1, MOCK + [f"logging.run_dir={tmp_path}/single"], in_process=True)[0]
+    assert len(single.losses) == STEPS and all(math.isfinite(x) for x in single.losses)
+    for dp_losses, tp_losses, dp_valid, tp_valid in launch(_layouts, 2, tmp_path, timeout=600):
+        for other in (dp_losses, tp_losses):
+            for step, (a, b) in enumerate(zip(single.losses, other)):
+                assert abs(a - b) < 1e-4 * abs(a), (step, single.losses, other)
+        for valid in (dp_valid, tp_valid):
+            assert abs(valid[-1]["lm loss"] - single.validation[-1]["lm loss"]) < 1e-4
+
+
+def _event_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir / "tensorboard"))
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+def test_demo_config_learns_and_logs_to_tensorboard(tmp_path):
+    """The demo's real pipeline (bundled corpus, tokenizer, shards) for a shortened run."""
+    from megatron_jrt.demo import CONFIG, prepare_data
+
+    tokenizer, shards = prepare_data(tmp_path / "data", vocab_size=2048)
+    run_dir = tmp_path / "run"
+    result = launch(_run_config, 1, str(CONFIG), [
+        f"data.tokenizer={tokenizer}", f"data.data_dir={shards}", f"logging.run_dir={run_dir}",
+        "training.train_steps=40", "training.eval_interval=10", "training.eval_steps=2",
+        "optimizer.warmup_steps=5", "training.sample_tokens=4", "logging.progress_bar=false",
+        "data.num_workers=0"], in_process=True)[0]
+    first, last = result.validation[0]["lm loss"], result.validation[-1]["lm loss"]
+    assert last < first - 0.3, result.validation  # step 10 -> step 40
+    assert sum(result.losses[-5:]) < sum(result.losses[:5]) - 1.0, result.losses
+    assert result.sample is not None
+    scalars = _event_scalars(run_dir)
+    for tag in ("lm loss", "mlm loss", "loss", "learning-rate", "grad-norm", "batch-size",
+                "tokens-per-sec", "throughput", "lm loss vs samples", "learning-rate vs samples",
+                "lm loss validation", "lm loss validation ppl"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert len(scalars["loss"]) == 4  # log_interval 10 over 40 steps
+    assert scalars["lm loss validation"] == pytest.approx([v["lm loss"] for v in result.validation])
+    assert (run_dir / "config.yaml").is_file()
+
+
+def _run_config(path, overrides):
+    from megatron_jrt.distributed import init_distributed
+    from megatron_jrt.train import train
+    from megatron_jrt.train_config import load_config
+
+    cfg = load_config(path, overrides)
+    init_distributed(seed=cfg.training.seed)
+    return train(cfg)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.global_batch_size=3", "data.global_batch_size"),
+    ("model.preset=jrt-9b", "model.preset"),
+    ("optimizer.lr=fast", "optimizer.lr"),
+    ("training.trian_steps=5", "training.trian_steps"),
+    ("model.overrides={num_heads: 5}", "model"),
+])
+def test_invalid_config_fails_before_any_work(override, key, capsys):
+    from megatron_jrt.train import main
+
+    assert main(["--config", "configs/mock-tiny.yaml", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and key in err, err
+
+
+def test_missing_data_names_the_key(tmp_path):
+    result = launch(_expect_error, 1, [f"data.data_dir={tmp_path}/nothing", "model.preset=jrt-tiny",
+                                       "data.mock_data=false", f"data.tokenizer={tmp_path}/x.model",
+                                       f"logging.run_dir={tmp_path}/run"], in_process=True)[0]
+    assert "tok" in result or "data." in result, result
+
+
+def _expect_error(overrides):
+    try:
+        _run(overrides)
+    except (FileNotFoundError, ValueError) as error:
+        return str(error)
+    raise AssertionError("training started without data")
