@@ -93,6 +93,14 @@ def test_gpt2_adapter_clear_error_without_files(tmp_path):
         load_tokenizer(f"gpt2:{tmp_path}")
 
 
+def test_gpt2_adapter_clear_error_without_tokenizers_package(tmp_path, monkeypatch):
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        load_tokenizer(f"gpt2:{tmp_path}")
+
+
 def test_gpt2_layout_with_tiny_fake_vocab(tmp_path):
     pytest.importorskip("tokenizers")
     # byte-level symbols for "hi there", merges h+i, t+h; <|endoftext|> at its GPT-2 id
