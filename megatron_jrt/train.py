@@ -9,6 +9,8 @@ data -> loop (step, log, evaluate) -> sample. Each concern lives in its own modu
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 
 from megatron_jrt.config import ConfigError
-from megatron_jrt.train_config import TrainConfig, format_config, load_config, save_config
+from megatron_jrt.train_config import (TrainConfig, config_to_dict, format_config, load_config,
+                                       save_config)
 
 
 @dataclass
@@ -30,6 +33,8 @@ class TrainResult:
     validation: list[dict[str, float]] = field(default_factory=list)
     nonfinite_steps: int = 0
     sample: str | None = None
+    start_step: int = 0  # > 0 when resumed from a checkpoint
+    stopped_by_signal: str | None = None  # SIGTERM/SIGUSR1: checkpointed and stopped early
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,6 +81,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run the configured training on this process's rank; call after `init_distributed`."""
     from megatron.core import parallel_state
 
+    from megatron_jrt.checkpointing import (ShutdownSignal, load_checkpoint, resolve_resume,
+                                            save_checkpoint)
     from megatron_jrt.data import JRTBatches, build_token_source
     from megatron_jrt.flops import flops_per_token, peak_flops_per_device
     from megatron_jrt.metrics import MetricsLogger
@@ -122,6 +129,22 @@ def train(cfg: TrainConfig) -> TrainResult:
         decay_steps=opt.decay_steps or cfg.training.train_steps,
         global_batch_size=cfg.data.global_batch_size, lr_decay_style=opt.lr_decay_style)
 
+    # Checkpoint: resume (model, optimizer, scheduler, RNG) before the data is built.
+    ckpt = cfg.checkpoint
+    model_dict = dataclasses.asdict(model_cfg)
+    config_dict = {"train": config_to_dict(cfg), "model": model_dict}
+    resume_path = resolve_resume(ckpt.resume, ckpt.save_dir)
+    resumed = None
+    if resume_path is not None:
+        resumed = load_checkpoint(resume_path, chunks, optimizer, scheduler,
+                                  expected_model_config=model_dict, verify=False)
+        for warning in resumed.warnings:
+            _print(f"WARNING: {warning}")
+        _print(f"resumed from {resume_path} at step {resumed.step}")
+    elif ckpt.resume == "auto":
+        _print(f"checkpoint.resume=auto: no checkpoint in {ckpt.save_dir}; starting at step 0")
+    start_step = resumed.step if resumed is not None else 0
+
     # Data: every rank of a data-parallel replica reads the same windows.
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_world = parallel_state.get_data_parallel_world_size()
@@ -136,6 +159,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                           dp_world_size=dp_world)
 
     train_batches = make_batches("train")
+    if resumed is not None:
+        _resume_data(train_batches.source, resumed, dp_world)
     num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp_world)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
@@ -148,7 +173,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_length),
         peak_flops=peak_flops_per_device("bf16" if bf16 else "fp32"), world_size=world,
         progress_total=cfg.training.train_steps, progress_bar=cfg.logging.progress_bar)
-    result = TrainResult()
+    result = TrainResult(start_step=start_step)
 
     def evaluate(step: int) -> None:
         totals: dict[str, float] = {}
@@ -161,8 +186,17 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.log_validation(step=step, consumed_samples=step * cfg.data.global_batch_size,
                               losses=totals)
 
+    def save(done: int) -> None:
+        save_checkpoint(ckpt.save_dir, done, chunks, optimizer, scheduler,
+                        config_dict=config_dict, data_state=train_batches.source.state_dict(),
+                        consumed_samples=done * cfg.data.global_batch_size,
+                        keep_last=ckpt.keep_last, keep_every=ckpt.keep_every)
+
+    losses_file = run_dir / "losses.jsonl" if _is_logging_rank() else None
+    shutdown = ShutdownSignal().install()
     consecutive_nonfinite, interval_start = 0, time.perf_counter()
-    for step in range(cfg.training.train_steps):
+    done = saved = start_step
+    for step in range(start_step, cfg.training.train_steps):
         data = train_batches.step(step, num_microbatches, device)
         outcome = train_step(_forward_step, iter(data), chunks, optimizer, scheduler, **step_kwargs)
         loss = outcome.losses.get("loss", math.nan)
@@ -177,6 +211,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                     f"step {step + 1}: {consecutive_nonfinite} consecutive steps with a non-finite "
                     "loss (training.max_consecutive_nonfinite); lower optimizer.lr or check the data")
         done = step + 1
+        if losses_file is not None:
+            with open(losses_file, "a") as handle:
+                handle.write(json.dumps({"step": done, **outcome.losses}) + "\n")
         if done % cfg.training.log_interval == 0 or done == cfg.training.train_steps:
             elapsed = time.perf_counter() - interval_start
             steps_in_interval = (done - 1) % cfg.training.log_interval + 1
@@ -192,11 +229,48 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.training.eval_steps and (done % cfg.training.eval_interval == 0
                                         or done == cfg.training.train_steps):
             evaluate(done)
+        if ckpt.save_dir and done % ckpt.save_interval == 0:
+            save(done)
+            saved = done
+        if shutdown.requested():
+            result.stopped_by_signal = shutdown.received
+            _print(f"received {shutdown.received}: checkpointing at step {done} and stopping")
+            break
+    shutdown.restore()
+    if ckpt.save_dir and done > saved:
+        save(done)
 
     if cfg.training.sample_tokens and tokenizer is not None:
         result.sample = _sample(cfg, model, model_cfg, tokenizer)
     logger.close()
     return result
+
+
+def _resume_data(source, resumed, dp_world: int) -> None:
+    """Continue the training stream where the checkpoint left it.
+
+    Same data-parallel size: each rank reloads its own reader state (exact). A different
+    size cannot map reader states 1:1: mock data derives the position from the consumed
+    samples (exact, mock windows are layout-independent); the shard reader restarts at the
+    epoch position those samples correspond to, and the sample order changes (warned).
+    """
+    from megatron_jrt.data import MockTokens
+
+    if resumed.data_state is not None:
+        source.load_state_dict(resumed.data_state)
+        return
+    per_rank = resumed.consumed_samples // dp_world
+    if isinstance(source, MockTokens):
+        source.load_state_dict({"consumed": per_rank})
+        return
+    state = source.state_dict()
+    batches = per_rank // state["micro_batch_size"]
+    epoch, position = divmod(batches, source.batches_per_epoch)
+    source.load_state_dict({**state, "epoch": epoch, "position": position})
+    _print(f"WARNING: data-parallel size changed ({resumed.layout['dp']} -> {dp_world}): the "
+           f"shard reader restarts at epoch {epoch}, batch {position} (from "
+           f"{resumed.consumed_samples} consumed samples); the sample order differs from an "
+           "unchanged run, and samples near the switch may repeat or be skipped")
 
 
 def _sample(cfg: TrainConfig, model, model_cfg, tokenizer) -> str | None:
@@ -239,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                      seed=cfg.training.seed)
     try:
-        train(cfg)
+        result = train(cfg)
+        if result.stopped_by_signal:
+            _print(f"jrt-train: stopped by {result.stopped_by_signal} after a checkpoint; "
+                   "resume with --set checkpoint.resume=auto")
     finally:
         destroy_distributed()
     return 0
