@@ -23,11 +23,12 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=8"], "gpt2": ["tokenizers"]},
     entry_points={
         "console_scripts": [
             "jrt-prep=data_prep.cli:main",
             "jrt-train=megatron_jrt.train:main",
+            "jrt-demo=megatron_jrt.demo:main",
         ]
     },
 )

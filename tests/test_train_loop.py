@@ -53,12 +53,14 @@ def _event_scalars(run_dir):
 
 def test_demo_config_learns_and_logs_to_tensorboard(tmp_path):
     """The demo's real pipeline (bundled corpus, tokenizer, shards) for a shortened run."""
-    from megatron_jrt.demo import CONFIG, prepare_data
+    from data_prep.corpus import prepare_bundled
+    from megatron_jrt.demo import CONFIG
 
-    tokenizer, shards = prepare_data(tmp_path / "data", vocab_size=2048)
+    data = prepare_bundled(tmp_path / "data", vocab_size=2048)
     run_dir = tmp_path / "run"
     result = launch(_run_config, 1, str(CONFIG), [
-        f"data.tokenizer={tokenizer}", f"data.data_dir={shards}", f"logging.run_dir={run_dir}",
+        f"data.tokenizer={data['tokenizer']}", f"data.data_dir={data['data_dir']}",
+        f"logging.run_dir={run_dir}",
         "training.train_steps=40", "training.eval_interval=10", "training.eval_steps=2",
         "optimizer.warmup_steps=5", "training.sample_tokens=4", "logging.progress_bar=false",
         "data.num_workers=0"], in_process=True)[0]
