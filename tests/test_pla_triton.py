@@ -97,14 +97,14 @@ def test_decode_1000_steps_track_reference(dv):
     _, st = T.pla_prefill_triton(*ins)
     st_ref = PLAState(st.S.double().clone(), st.z.double().clone())
     y = torch.empty(B, H, dv, device="cuda", dtype=torch.bfloat16)
-    worst = 0.0
-    g = torch.Generator(device="cpu").manual_seed(2)
+    errs = []
+    qs, ks = (torch.randn(1000, B, H, 16, device="cuda").bfloat16() for _ in range(2))
+    vs = torch.randn(1000, B, H, dv, device="cuda").bfloat16()
     for i in range(1000):
-        q, k = (torch.randn(B, H, 16, generator=g).cuda().bfloat16() for _ in range(2))
-        v = torch.randn(B, H, dv, generator=g).cuda().bfloat16()
-        T.pla_decode_step_triton(q, k, v, st, out=y)
-        yr = pla_decode_step(q.double(), k.double(), v.double(), st_ref)
-        worst = max(worst, rel(y, yr))
+        T.pla_decode_step_triton(qs[i], ks[i], vs[i], st, out=y)
+        yr = pla_decode_step(qs[i].double(), ks[i].double(), vs[i].double(), st_ref)
+        errs.append((y.double() - yr).norm() / yr.norm())
+    worst = torch.stack(errs).max().item()
     assert worst < 1e-2, worst  # bf16 output rounding
     assert rel(st.S, st_ref.S) < 1e-5 and rel(st.z, st_ref.z) < 1e-5
     print(f"decode dv{dv}: worst step rel err {worst:.1e}, state rel err {rel(st.S, st_ref.S):.1e}")

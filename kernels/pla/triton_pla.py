@@ -587,7 +587,14 @@ def _cfg(dv, kind):
 
 
 _CFG_DEFAULT = dict(C=64, BV=32, num_warps=4, num_stages=1, feat="packed")
-_CFG: dict = {}
+# H100, triton 3.6 (docs/PERFORMANCE.md). Backward: only num_warps=4 with BV=32 is offered; num_warps=8
+# or BV=16 backward launches hit an illegal memory access there (not yet understood).
+_CFG: dict = {
+    ("fwd", 64): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed"),
+    ("fwd", 112): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed"),
+    ("bwd", 64): dict(C=64, BV=32, num_warps=4, num_stages=1),
+    ("bwd", 112): dict(C=64, BV=32, num_warps=4, num_stages=1),
+}
 _INTERPRET_C = 16  # chunk under TRITON_INTERPRET (CPU tests)
 
 
