@@ -1,0 +1,216 @@
+"""Checkpoints: bit-exact resume after SIGKILL, a failed save, damaged files, wrong configs.
+
+All runs are configs/mock-tiny.yaml (fp32 on CPU) with steps sized so that a save is the
+main cost (the first dist_checkpointing save of a process spawns a helper, ~6 s).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.multiproc import free_port, launch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "mock-tiny.yaml")
+
+
+def _overrides(run_dir: Path, **extra) -> list[str]:
+    values = {"training.train_steps": 4, "training.eval_steps": 0, "optimizer.decay_steps": 8,
+              "logging.run_dir": str(run_dir), "logging.tensorboard": False,
+              "checkpoint.save_dir": str(run_dir / "ckpt"), "checkpoint.save_interval": 2,
+              **extra}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "losses.jsonl").read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
+def _tensors(ckpt: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (model and optimizer), read without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = scratch / f"{ckpt.parent.parent.name}_{ckpt.name}.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
+
+
+def _train_cmd(run_dir: Path, **extra) -> list[str]:
+    cmd = [sys.executable, "-m", "megatron_jrt.train", "--config", CONFIG]
+    for item in _overrides(run_dir, **extra):
+        cmd += ["--set", item]
+    return cmd
+
+
+def _env() -> dict:
+    return {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO)}
+
+
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    """4 steps straight == 2 steps, SIGKILL, resume auto, 2 more: losses and weights exact."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # The killed run would train 1000 steps (same LR schedule: decay_steps is fixed).
+    proc = subprocess.Popen(_train_cmd(killed, **{"training.train_steps": 1000}), cwd=REPO,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "ckpt" / "latest"
+    deadline = time.monotonic() + 240
+    try:
+        while not latest.exists():
+            assert proc.poll() is None, "the training process died before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint published in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)  # not a polite exit
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest.read_text().strip() == "step_0000002"
+
+    # The straight run meanwhile (2 cores: run one after the other).
+    subprocess.run(_train_cmd(straight), cwd=REPO, env=_env(), check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    before = _losses(killed)
+    (killed / "losses.jsonl").unlink()
+    subprocess.run(_train_cmd(killed, **{"checkpoint.resume": "auto"}), cwd=REPO, env=_env(),
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reference, resumed = _losses(straight), _losses(killed)
+    assert sorted(resumed) == [3, 4], resumed  # resumed after step 2, not from scratch
+    assert [before[s] for s in (1, 2)] == [reference[s] for s in (1, 2)]
+    assert [resumed[s] for s in (3, 4)] == [reference[s] for s in (3, 4)]  # exact
+
+    a = _tensors(straight / "ckpt" / "step_0000004", tmp_path)
+    b = _tensors(killed / "ckpt" / "step_0000004", tmp_path)
+    assert a.keys() == b.keys() and any(k.startswith("optimizer") for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different  # model weights and Adam moments, bit for bit
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process (one rank): a save that fails before publication, then damage and bad configs.
+
+def _run(run_dir: Path, **extra):
+    from megatron_jrt.distributed import init_distributed
+    from megatron_jrt.train import train
+    from megatron_jrt.train_config import load_config
+
+    cfg = load_config(CONFIG, _overrides(run_dir, **extra))
+    init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                     seed=cfg.training.seed)
+    return train(cfg)
+
+
+def _failing_save_then_resume(run_dir: Path):
+    from megatron_jrt import checkpointing
+
+    original = checkpointing._write_metadata
+
+    def fail_at_step_4(directory, body):
+        if body["step"] == 4:  # model, optimizer and rank files are written; not published
+            raise OSError("injected failure while writing checkpoint step 4")
+        original(directory, body)
+
+    checkpointing._write_metadata = fail_at_step_4
+    try:
+        with pytest.raises(OSError, match="injected failure"):
+            _run(run_dir)
+    finally:
+        checkpointing._write_metadata = original
+    ckpt = run_dir / "ckpt"
+    state = {"dirs": sorted(p.name for p in ckpt.iterdir()),
+             "latest": (ckpt / "latest").read_text().strip(),
+             "first_losses": _losses(run_dir)}
+    checkpointing.verify_checkpoint(ckpt / "step_0000002")  # intact
+    (run_dir / "losses.jsonl").unlink()
+    result = _run(run_dir, **{"checkpoint.resume": "auto"})
+    state["start_step"], state["resumed_losses"] = result.start_step, _losses(run_dir)
+    state["dirs_after"] = sorted(p.name for p in ckpt.iterdir())
+    return state
+
+
+def _incompatible_resume(run_dir: Path, resume: str) -> str:
+    from megatron_jrt.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError) as info:
+        _run(run_dir, **{"model.overrides.hidden_size": 128, "checkpoint.resume": resume})
+    return str(info.value)
+
+
+def test_failed_save_keeps_previous_checkpoint_and_errors_name_the_problem(tmp_path, capsys):
+    import shutil
+
+    from checkpoints_tools.inspect import main as inspect_main
+    from megatron_jrt.checkpointing import CheckpointError, find_latest_complete, verify_checkpoint
+
+    run_dir = tmp_path / "run"
+    state = launch(_failing_save_then_resume, 1, run_dir, in_process=True)[0]
+    assert state["dirs"] == [".tmp_step_0000004", "latest", "step_0000002"], state
+    assert state["latest"] == "step_0000002"
+    assert state["start_step"] == 2
+    assert sorted(state["resumed_losses"]) == [3, 4]
+    first = state["first_losses"]  # the failed run trained steps 3-4 before its save failed
+    assert [state["resumed_losses"][s] for s in (3, 4)] == [first[s] for s in (3, 4)]
+    assert state["dirs_after"] == ["latest", "step_0000002", "step_0000004"]  # tmp cleaned
+
+    ckpt = run_dir / "ckpt"
+    # inspect: prints the step, layout, tensors and verifies.
+    capsys.readouterr()
+    assert inspect_main([str(ckpt / "step_0000004"), "--tensors", "3"]) == 0
+    out = capsys.readouterr().out
+    for text in ("step: 4", "consumed samples: 16", "layout: TP=1 PP=1 DP=1",
+                 "decoder.layers.0", "train.data.seq_length: 64", "verified: ok"):
+        assert text in out, (text, out)
+
+    # A checkpoint of another model config: refused, naming the field.
+    message = launch(_incompatible_resume, 1, tmp_path / "bad_cfg", str(ckpt / "step_0000002"),
+                     in_process=True)[0]
+    assert "incompatible model config" in message, message
+    assert "hidden_size: checkpoint 64, this run 128" in message, message
+
+    # A truncated shard file: named, and auto-resume falls back to step 2 with a warning.
+    damaged = ckpt / "step_0000004"
+    shard = sorted(damaged.glob("*.distcp"))[0]
+    original = shard.read_bytes()
+    shard.write_bytes(original[: len(original) // 2])
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: .* truncated"):
+        verify_checkpoint(damaged)
+    found, problems = find_latest_complete(ckpt)
+    assert found == ckpt / "step_0000002" and shard.name in problems[0]
+    assert inspect_main([str(damaged)]) == 1
+    assert f"verified: FAILED: {shard}" in capsys.readouterr().out
+    # One flipped byte, same size: caught by sha256.
+    flipped = bytearray(original)
+    flipped[len(flipped) // 3] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: sha256 .* corrupted"):
+        verify_checkpoint(damaged)
+    # A damaged completeness marker, and a missing one (a save that never finished).
+    meta = damaged / "checkpoint.json"
+    meta.write_text(meta.read_text().replace('"step": 4', '"step": 5'))
+    with pytest.raises(CheckpointError, match="checkpoint.json: damaged"):
+        verify_checkpoint(damaged)
+    meta.unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint.json; the checkpoint is incomplete"):
+        verify_checkpoint(damaged)
+    # Nothing complete at all: an error, never a silent start from scratch.
+    shutil.rmtree(ckpt / "step_0000002")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        find_latest_complete(ckpt)
