@@ -214,3 +214,29 @@ def test_failed_save_keeps_previous_checkpoint_and_errors_name_the_problem(tmp_p
     shutil.rmtree(ckpt / "step_0000002")
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         find_latest_complete(ckpt)
+
+
+def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
+    """SIGUSR1 (Slurm's warning before the time limit): save at the next step, exit 0."""
+    run_dir = tmp_path / "signalled"
+    proc = subprocess.Popen(_train_cmd(run_dir, **{"training.train_steps": 100000,
+                                                   "checkpoint.save_interval": 100000}),
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not (run_dir / "losses.jsonl").exists() or len(_losses(run_dir)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "received SIGUSR1: checkpointing at step" in out and "stopped by SIGUSR1" in out, out
+    latest = (run_dir / "ckpt" / "latest").read_text().strip()
+    from megatron_jrt.checkpointing import verify_checkpoint
+
+    body = verify_checkpoint(run_dir / "ckpt" / latest)
+    assert body["step"] == max(_losses(run_dir)) >= 2
