@@ -98,6 +98,22 @@ def _zero_grads(model_chunks, optimizer) -> None:
     optimizer.zero_grad()
 
 
+def _run_schedule(forward_step_func, data_iterator, model_chunks, *, forward_only: bool,
+                  num_microbatches: int, seq_length: int, micro_batch_size: int) -> dict[str, float]:
+    """megatron's schedule for this layout (1F1B under PP) -> reduced loss means."""
+    losses_reduced = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=list(model_chunks),
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        decoder_seq_length=seq_length,
+        forward_only=forward_only,
+    )
+    return reduce_losses(losses_reduced)
+
+
 def train_step(
     forward_step_func,
     data_iterator,
@@ -118,17 +134,9 @@ def train_step(
     are zeroed and neither the optimizer nor the scheduler steps (``skipped=True``).
     """
     _zero_grads(model_chunks, optimizer)
-    losses_reduced = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=data_iterator,
-        model=list(model_chunks),
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        decoder_seq_length=seq_length,
-        forward_only=False,
-    )
-    losses = reduce_losses(losses_reduced)
+    losses = _run_schedule(forward_step_func, data_iterator, model_chunks, forward_only=False,
+                           num_microbatches=num_microbatches, seq_length=seq_length,
+                           micro_batch_size=micro_batch_size)
     learning_rate = optimizer.param_groups[0]["lr"] if optimizer.param_groups else None
     if not _all_ranks_finite(losses):
         _zero_grads(model_chunks, optimizer)
@@ -162,17 +170,9 @@ def eval_step(
         chunk.eval()
     try:
         with torch.no_grad():
-            losses_reduced = get_forward_backward_func()(
-                forward_step_func=forward_step_func,
-                data_iterator=data_iterator,
-                model=list(model_chunks),
-                num_microbatches=num_microbatches,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-                decoder_seq_length=seq_length,
-                forward_only=True,
-            )
+            return _run_schedule(forward_step_func, data_iterator, model_chunks,
+                                 forward_only=True, num_microbatches=num_microbatches,
+                                 seq_length=seq_length, micro_batch_size=micro_batch_size)
     finally:
         for chunk in model_chunks:
             chunk.train()
-    return reduce_losses(losses_reduced)
