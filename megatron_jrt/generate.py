@@ -1,14 +1,15 @@
-"""Greedy text generation by re-running the parallel forward (a quick look at a model).
+"""Greedy generation with the recurrent decoder, and the JRT-Prompt templates.
 
-Prompts shorter than the prefix use JRT_SPEC.md's "read-2x pad": the encoder region is the
-prompt repeated to M tokens, then the prompt is read again causally, then generation starts
-(positions before M are trained with MLM only, so they cannot start generation themselves).
-Recurrent O(1)-per-token decoding is a separate path; this one is O(N) per token.
+Prompts shorter than the prefix use JRT_SPEC.md's "read-2x pad" (the paper's best option):
+the encoder region is the prompt repeated to M tokens, then the prompt is read again
+causally, then generation starts (positions before M are trained with MLM only, so they
+cannot start generation themselves).
 """
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_jrt.inference import RecurrentDecoder
 
 
 def read_twice_pad(prompt: list[int], prefix_length: int) -> list[int]:
@@ -21,25 +22,34 @@ def read_twice_pad(prompt: list[int], prefix_length: int) -> list[int]:
     return (list(prompt) * repeats)[-prefix_length:] + list(prompt)
 
 
+def jrt_prompt_qa(question: str, context: str, cloze: str) -> str:
+    """JRT-Prompt for document QA: the context is read twice, the question first."""
+    return f"{question} {context}\n{context} {cloze}"
+
+
+def jrt_prompt_extraction(key: str, document: str) -> str:
+    """JRT-Prompt for key-value extraction ("Information about {key}. ...")."""
+    return f"Information about {key}. {document}\n{document} {key}:"
+
+
 @torch.no_grad()
 def greedy_generate(model, prompt: list[int], *, prefix_length: int, max_new_tokens: int,
-                    max_length: int, eod_id: int | None = None) -> list[int]:
-    """New token ids after `prompt` (tensor parallel ok; needs the whole model on this rank)."""
-    tokens = read_twice_pad(prompt, prefix_length)
-    start = len(tokens)
+                    eod_id: int | None = None) -> list[int]:
+    """New token ids after `prompt`, one recurrent step per token (no PP; TP ok)."""
     device = next(model.parameters()).device
+    decoder = RecurrentDecoder(model, prefix_length)
     was_training = model.training
     model.eval()
     try:
+        logits = decoder.prefill(torch.tensor([read_twice_pad(prompt, prefix_length)],
+                                              device=device))
+        new_ids: list[int] = []
         for _ in range(max_new_tokens):
-            window = tokens[-max_length:]
-            ids = torch.tensor([window], device=device)
-            positions = torch.arange(len(window), device=device).unsqueeze(0)
-            logits = gather_from_tensor_model_parallel_region(model(ids, positions, None))
-            next_id = int(logits[0, -1].float().argmax())
-            tokens.append(next_id)
-            if next_id == eod_id:
+            next_id = int(logits[0].argmax())
+            new_ids.append(next_id)
+            if next_id == eod_id or len(new_ids) == max_new_tokens:
                 break
+            logits = decoder.step(torch.tensor([next_id], device=device))
     finally:
         model.train(was_training)
-    return tokens[start:]
+    return new_ids

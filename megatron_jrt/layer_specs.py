@@ -8,7 +8,7 @@ from __future__ import annotations
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron_jrt.config import BASECONV, PLA, SWA, JRTModelConfig
 from megatron_jrt.mixers.baseconv import BaseConv, BaseConvSubmodules
 from megatron_jrt.mixers.pla import PrefixLinearAttention, PrefixLinearAttentionSubmodules
-from megatron_jrt.mixers.swa import SlidingWindowCoreAttention
+from megatron_jrt.mixers.swa import SlidingWindowCoreAttention, SlidingWindowSelfAttention
 
 # apex / Transformer Engine would be picked here; the local provider needs neither.
 _BACKEND = LocalSpecProvider()
@@ -40,7 +40,7 @@ def mixer_spec(kind: str, cfg: JRTModelConfig) -> ModuleSpec:
         )
     if kind == SWA:
         return ModuleSpec(
-            module=SelfAttention,
+            module=SlidingWindowSelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
                 linear_qkv=column,

@@ -30,6 +30,7 @@ class TrainResult:
     """What a run did, for callers and tests (every rank gets the same losses)."""
 
     losses: list[float] = field(default_factory=list)  # combined loss per step
+    step_times: list[float] = field(default_factory=list)  # seconds per step (device synced)
     validation: list[dict[str, float]] = field(default_factory=list)
     nonfinite_steps: int = 0
     sample: str | None = None
@@ -197,9 +198,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     consecutive_nonfinite, interval_start = 0, time.perf_counter()
     done = saved = start_step
     for step in range(start_step, cfg.training.train_steps):
+        step_start = time.perf_counter()
         data = train_batches.step(step, num_microbatches, device)
         outcome = train_step(_forward_step, iter(data), chunks, optimizer, scheduler, **step_kwargs)
-        loss = outcome.losses.get("loss", math.nan)
+        loss = outcome.losses.get("loss", math.nan)  # a host value: the step has finished
+        result.step_times.append(time.perf_counter() - step_start)
         result.losses.append(loss)
         if math.isfinite(loss):
             consecutive_nonfinite = 0
@@ -286,7 +289,7 @@ def _sample(cfg: TrainConfig, model, model_cfg, tokenizer) -> str | None:
     new_ids = greedy_generate(model, tokenizer.encode(prompt),
                               prefix_length=model_cfg.prefix_length,
                               max_new_tokens=cfg.training.sample_tokens,
-                              max_length=cfg.data.seq_length, eod_id=tokenizer.eod_id)
+                              eod_id=tokenizer.eod_id)
     text = tokenizer.decode(new_ids)
     _print(f"sample: {prompt!r} -> {text!r}")
     return text

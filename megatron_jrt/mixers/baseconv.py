@@ -69,19 +69,37 @@ class BaseConv(MegatronModule):
         with torch.no_grad():
             self.conv_weight.copy_(local)
 
+    def _gate(self, hidden_states: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
+        """silu(conv(u1)) * u2 for [s, b, d] inputs after `tail` ([b, channels, k-1] earlier
+        u1 values; zeros at the start) -> (gated [s, b, channels], the new tail)."""
+        u, _ = self.in_proj(hidden_states)  # [s, b, 2 * local_width]
+        u1, u2 = u.chunk(2, dim=-1)
+        seq_len = u1.shape[0]
+        x = u1.permute(1, 2, 0)  # [b, channels, s]: a depthwise causal conv over s
+        if tail is None:
+            tail = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size - 1)
+        x = torch.cat([tail.to(x.dtype), x], dim=-1)
+        conv = F.conv1d(x, self.conv_weight, groups=self.local_width)
+        gated = F.silu(conv).permute(2, 0, 1)[:seq_len] * u2
+        return gated, x[:, :, x.shape[-1] - (self.kernel_size - 1):]
+
     def forward(self, hidden_states: Tensor, attention_mask=None, inference_context=None,
                 **kwargs) -> tuple[Tensor, Tensor | None]:
         if inference_context is not None:
             raise NotImplementedError("megatron inference contexts are not supported; "
-                                      "use megatron_jrt.generate")
-        u, _ = self.in_proj(hidden_states)  # [s, b, 2 * local_width]
-        u1, u2 = u.chunk(2, dim=-1)
-        seq_len = u1.shape[0]
-        # Depthwise causal conv over the sequence: [b, channels, s] with left padding.
-        x = u1.permute(1, 2, 0)
-        x = F.conv1d(F.pad(x, (self.kernel_size - 1, 0)), self.conv_weight,
-                     groups=self.local_width)
-        gated = F.silu(x).permute(2, 0, 1)[:seq_len] * u2
+                                      "use megatron_jrt.inference")
+        gated, _ = self._gate(hidden_states, tail=None)
+        return self.out_proj(gated)
+
+    def prefill(self, hidden_states: Tensor) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
+        """The forward over a prompt, and the last k-1 conv inputs for decoding."""
+        gated, tail = self._gate(hidden_states, tail=None)
+        return self.out_proj(gated), tail
+
+    def decode_step(self, hidden_states: Tensor, tail: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One token per sequence ([1, b, d]); updates `tail` in place."""
+        gated, new_tail = self._gate(hidden_states, tail)
+        tail.copy_(new_tail)
         return self.out_proj(gated)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),

@@ -14,7 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from kernels.pla import prefix_linear_attention
+from kernels.pla import PLAState, pla_decode_step, pla_prefill, prefix_linear_attention
 
 
 @dataclass
@@ -57,18 +57,35 @@ class PrefixLinearAttention(MegatronModule):
         per_head = projected.view(s, b, self.local_heads, sum(sizes))
         return [t.permute(1, 2, 0, 3) for t in per_head.split(sizes, dim=-1)]
 
+    def _project(self, hidden_states: Tensor) -> list[Tensor]:
+        """q, k, v for every token and k_enc, v_enc for the prefix, each [b, heads, s, dim]."""
+        f, dv = self.feature_dim, self.head_dim
+        qkv, _ = self.linear_qkv(hidden_states)
+        prefix = min(self.prefix_length, hidden_states.shape[0])
+        kv_enc, _ = self.linear_kv_enc(hidden_states[:prefix])
+        return self._heads(qkv, [f, f, dv]) + self._heads(kv_enc, [f, dv])
+
+    def _output(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[b, heads, s, dv] -> the output projection's (output, bias)."""
+        b, h, s, dv = y.shape
+        return self.linear_proj(y.permute(2, 0, 1, 3).reshape(s, b, h * dv))
+
     def forward(self, hidden_states: Tensor, attention_mask=None, inference_context=None,
                 **kwargs) -> tuple[Tensor, Tensor | None]:
         if inference_context is not None:
             raise NotImplementedError("megatron inference contexts are not supported; "
-                                      "use megatron_jrt.generate")
-        seq_len, batch = hidden_states.shape[:2]
+                                      "use megatron_jrt.inference")
+        return self._output(prefix_linear_attention(*self._project(hidden_states)))
+
+    def prefill(self, hidden_states: Tensor) -> tuple[tuple[Tensor, Tensor | None], PLAState]:
+        """The forward over a prompt, and the fp32 state after its last token."""
+        y, state = pla_prefill(*self._project(hidden_states))
+        return self._output(y), state
+
+    def decode_step(self, hidden_states: Tensor, state: PLAState) -> tuple[Tensor, Tensor | None]:
+        """One token per sequence ([1, b, d]) after the prefix; updates `state` in place."""
         f, dv = self.feature_dim, self.head_dim
         qkv, _ = self.linear_qkv(hidden_states)
-        q, k, v = self._heads(qkv, [f, f, dv])
-        prefix = min(self.prefix_length, seq_len)
-        kv_enc, _ = self.linear_kv_enc(hidden_states[:prefix])
-        k_enc, v_enc = self._heads(kv_enc, [f, dv])
-        y = prefix_linear_attention(q, k, v, k_enc, v_enc)  # [b, h, s, dv]
-        y = y.permute(2, 0, 1, 3).reshape(seq_len, batch, self.local_heads * dv)
-        return self.linear_proj(y)
+        q, k, v = (t[:, :, 0] for t in self._heads(qkv, [f, f, dv]))  # [b, heads, dim]
+        y = pla_decode_step(q, k, v, state)
+        return self._output(y.unsqueeze(2))

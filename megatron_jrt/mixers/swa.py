@@ -7,8 +7,12 @@ block's, so memory and time are O(N * window), never O(N^2).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
@@ -56,3 +60,43 @@ class SlidingWindowCoreAttention(MegatronModule):
         out = sliding_window_attention(q, k, v, self.window)
         s, b = query.shape[:2]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+@dataclass
+class SlidingWindowState:
+    """The rotated keys and values of the last `window` tokens, [b, heads, <= window, d]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class SlidingWindowSelfAttention(SelfAttention):
+    """megatron's SelfAttention (training path unchanged) plus its recurrent form."""
+
+    def _rotated_qkv(self, hidden_states: Tensor, rotary_freqs: Tensor) -> list[Tensor]:
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        query = apply_rotary_pos_emb(query, rotary_freqs, config=self.config)
+        key = apply_rotary_pos_emb(key, rotary_freqs, config=self.config)
+        return [t.permute(1, 2, 0, 3) for t in (query, key, value)]  # [b, h, s, d]
+
+    def _output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        b, h, s, d = out.shape
+        return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, h * d))
+
+    def prefill(self, hidden_states: Tensor, rotary_freqs: Tensor
+                ) -> tuple[tuple[Tensor, Tensor | None], SlidingWindowState]:
+        """The forward over a prompt ([s, b, d], rotary for positions 0..s-1) and its cache."""
+        q, k, v = self._rotated_qkv(hidden_states, rotary_freqs)
+        window = self.core_attention.window
+        out = sliding_window_attention(q, k, v, window)
+        return self._output(out), SlidingWindowState(k[:, :, -window:], v[:, :, -window:])
+
+    def decode_step(self, hidden_states: Tensor, state: SlidingWindowState,
+                    rotary_freqs: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One token ([1, b, d], rotary for its position): attend to the cache and itself."""
+        q, k, v = self._rotated_qkv(hidden_states, rotary_freqs)
+        keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
+        out = F.scaled_dot_product_attention(q, keys, values)  # every cached key is visible
+        window = self.core_attention.window
+        state.keys, state.values = keys[:, :, -window:], values[:, :, -window:]
+        return self._output(out)
