@@ -20,6 +20,7 @@ def _run(args, tmp: str, variant: str) -> dict:
     import megatron_jrt.mixers.pla as pla_mixer
     from kernels.pla import prefix_linear_attention
     from kernels.pla.reference import pla_reference
+    from megatron_jrt.distributed import init_distributed
     from megatron_jrt.flops import flops_per_token, peak_flops_per_device
     from megatron_jrt.train import train
     from megatron_jrt.train_config import load_config
@@ -35,6 +36,7 @@ def _run(args, tmp: str, variant: str) -> dict:
         "optimizer.warmup_steps=1", f"training.recompute={args.recompute}",
         f"logging.run_dir={tmp}/{variant}", "logging.tensorboard=false",
         "logging.progress_bar=false"])
+    init_distributed(seed=cfg.training.seed)  # both variants start from the same weights
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -60,9 +62,8 @@ def main() -> None:
     parser.add_argument("--recompute", default="null", choices=["null", "full"])
     args = parser.parse_args()
 
-    from megatron_jrt.distributed import destroy_distributed, init_distributed
+    from megatron_jrt.distributed import destroy_distributed
 
-    init_distributed()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             rows = [_run(args, tmp, variant) for variant in ("dispatch", "reference")]
