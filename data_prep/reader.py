@@ -29,14 +29,17 @@ counted in `skipped_shards`, and its place is filled from the following shards, 
 of sequences (and DDP step count) does not change, only their content.
 """
 import bisect
+import io
 import json
 import logging
 import os
+import tarfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+from webdataset.tariterators import tar_file_iterator
 
 from data_prep.shards import FORMAT_VERSION, MANIFEST
 
@@ -91,28 +94,17 @@ def read_shard(path: Path, entry: dict, dtype: np.dtype) -> np.ndarray:
             raise ShardError(f"{path}: sha256 does not match the manifest: the shard is corrupt; "
                              "re-run `jrt-prep shards` (or pass skip_corrupt to skip it)")
         _verified.add(key)
-    parts, samples, off, mv = [], 0, 0, memoryview(data)
-    descr = np.dtype(dtype).str.encode()  # b'<u2'
-    while off + 512 <= len(data):
-        header = data[off:off + 512]
-        if header == b"\0" * 512:
-            break
-        try:
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise ShardError(f"{path}: bad tar header at byte {off}") from None
-        start, off = off + 512, off + 512 + (size + 511) // 512 * 512
-        if start + size > len(data):
-            raise ShardError(f"{path}: tar member at byte {start - 512} runs past the end: truncated shard")
-        if header[156:157] not in (b"0", b"\0"):
-            continue
-        raw = mv[start:start + size]
-        if raw[:6] != b"\x93NUMPY" or descr not in bytes(raw[10:64]):
-            raise ShardError(f"{path}: member {header[:100].rstrip(bytes(1)).decode(errors='replace')} "
-                             f"is not a {np.dtype(dtype).name} .npy array")
-        hlen = int.from_bytes(raw[8:10], "little") + 10 if raw[6] == 1 else int.from_bytes(raw[8:12], "little") + 12
-        parts.append(np.frombuffer(raw[hlen:], dtype=dtype))
-        samples += 1
+    parts = []
+    try:
+        for member in tar_file_iterator(io.BytesIO(data)):
+            array = np.load(io.BytesIO(member["data"]), allow_pickle=False)
+            if not member["fname"].endswith(".tokens.npy") or array.dtype != dtype:
+                raise ShardError(f"{path}: member {member['fname']} is not a {np.dtype(dtype).name} "
+                                 ".tokens.npy array")
+            parts.append(array)
+    except (tarfile.TarError, ValueError, EOFError) as e:
+        raise ShardError(f"{path}: unreadable tar member ({e}): corrupt shard") from e
+    samples = len(parts)
     tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
     if samples != entry["samples"] or tokens.size != entry["tokens"]:
         raise ShardError(f"{path}: read {samples} samples / {tokens.size} tokens, manifest says "

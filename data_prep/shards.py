@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import webdataset as wds
 
 from data_prep.documents import InputError, ReadStats, expand_inputs, iter_all_documents
 from data_prep.fsutil import atomic_write_bytes, commit, fsync_dir, sha256_file, tmp_name
@@ -78,14 +79,11 @@ class _ShardWriter:
             self._path = self.out_dir / f"{self.split}-{len(self.entries):06d}.tar"
             self._tmp = tmp_name(self._path)
             self._file = open(self._tmp, "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            # Fixed mtime and owner make the shard a function of its content alone.
+            self._tar = wds.TarWriter(self._file, user="", group="", mode=0o644, mtime=MTIME,
+                                      encoder=False, format=tarfile.USTAR_FORMAT)
             self._samples = self._tokens = 0
-        data = npy_bytes(arr)
-        info = tarfile.TarInfo(f"{key:09d}.tokens.npy")
-        info.size, info.mtime, info.mode = len(data), MTIME, 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": f"{key:09d}", "tokens.npy": npy_bytes(arr)})
         self._samples += 1
         self._tokens += int(arr.size)
         if self._tokens >= self.max_tokens:
