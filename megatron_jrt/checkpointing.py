@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.fsutil import atomic_write_bytes, fsync_dir, sha256_file
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -57,7 +59,6 @@ LATEST = "latest"
 RANK_STATE_DIR = "rank_state"
 OPTIMIZER_SHARDING = "fully_reshardable"  # model-space tensors: reshard across TP, PP, DP
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
-_HASH_CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
@@ -178,32 +179,6 @@ def _set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------------------ file utils
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _list_files(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
                   if p.is_file() and p.name != METADATA)
@@ -212,7 +187,7 @@ def _list_files(directory: Path) -> list[str]:
 def _distributed_hashes(directory: Path, names: list[str]) -> dict[str, str]:
     """sha256 of `names`, each rank hashing every world-th file (all ranks get the result)."""
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    mine = {n: _sha256(directory / n) for i, n in enumerate(names) if i % world == rank}
+    mine = {n: sha256_file(directory / n) for i, n in enumerate(names) if i % world == rank}
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, mine)
     return {k: v for part in gathered for k, v in part.items()}
@@ -272,7 +247,7 @@ def verify_checkpoint(path: str | Path, *, hashes: bool = True, shard: tuple[int
         if size != expected["size"]:
             raise CheckpointError(f"{file}: {size} bytes, {METADATA} says {expected['size']}; "
                                   "the file is truncated or was rewritten")
-        if hashes and index % shard[1] == shard[0] and _sha256(file) != expected["sha256"]:
+        if hashes and index % shard[1] == shard[0] and sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from {METADATA}; the file is corrupted")
     return body
 
@@ -412,15 +387,15 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
                 "files": {n: {"size": (tmp / n).stat().st_size, "sha256": hashes[n]}
                           for n in box[0]}}
         _write_metadata(tmp, body)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # a checkpoint of this step already exists: replace it
             trash = save_dir / f".trash_{final.name}"
             shutil.rmtree(trash, ignore_errors=True)
             os.rename(final, trash)
             shutil.rmtree(trash)
         os.rename(tmp, final)
-        _fsync_dir(save_dir)
-        _write_atomic(save_dir / LATEST, final.name + "\n")
+        fsync_dir(save_dir)
+        atomic_write_bytes(save_dir / LATEST, (final.name + "\n").encode())
         if keep_last > 0:
             _apply_retention(save_dir, keep_last, keep_every)
         print(f"saved checkpoint {final} ({_size(body):.1f} MB, "

@@ -275,10 +275,6 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path}: the top level must be a mapping of sections "
                               f"(model, data, ...), got {type(raw).__name__}")
-        for name in raw:
-            if name not in _SECTIONS:
-                _unknown(str(name), str(name), _SECTIONS, "section")
-        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
         _apply_override(raw, item)
     cfg = config_from_dict(raw)
