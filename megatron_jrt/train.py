@@ -303,9 +303,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Warnings from inside megatron-core that a user cannot act on: each missing optional
+# accelerator, once per module (`_accelerators()` says it in one line), its probe of non-leaf
+# .grad attributes, and torch's renaming of collectives megatron calls.
+_MEGATRON_NOISE = (
+    (UserWarning, "Transformer Engine and Apex are not installed"),
+    (UserWarning, "Apex is not installed"),
+    (UserWarning, "full scope is deprecated"),
+    (UserWarning, "The .grad attribute of a Tensor that is not a leaf"),
+    (FutureWarning, "`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)`"),
+)
+
+
+def _accelerators() -> str:
+    """Which optional accelerators megatron-core will use (apex, Transformer Engine)."""
+    from importlib.util import find_spec
+
+    found = [name for name, module in (("apex", "apex"), ("Transformer Engine",
+                                                          "transformer_engine"))
+             if find_spec(module) is not None]
+    return ("accelerators: " + ", ".join(found) if found else
+            "accelerators: none (no apex or Transformer Engine: torch AdamW and torch norms)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from megatron_jrt.distributed import destroy_distributed, init_distributed, read_launch_env
 
+    for category, message in _MEGATRON_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
@@ -315,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                      seed=cfg.training.seed)
+    _print(_accelerators())
     try:
         result = train(cfg)
         if result.stopped_by_signal:
