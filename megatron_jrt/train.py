@@ -33,6 +33,7 @@ class TrainResult:
     step_times: list[float] = field(default_factory=list)  # seconds per step (device synced)
     validation: list[dict[str, float]] = field(default_factory=list)
     nonfinite_steps: int = 0
+    skipped_steps: int = 0  # steps whose update the optimizer did not apply
     sample: str | None = None
     start_step: int = 0  # > 0 when resumed from a checkpoint
     stopped_by_signal: str | None = None  # SIGTERM/SIGUSR1: checkpointed and stopped early
@@ -204,6 +205,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         loss = outcome.losses.get("loss", math.nan)  # a host value: the step has finished
         result.step_times.append(time.perf_counter() - step_start)
         result.losses.append(loss)
+        result.skipped_steps += int(outcome.skipped)
         if math.isfinite(loss):
             consecutive_nonfinite = 0
         else:
@@ -225,7 +227,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 consumed_tokens=done * tokens_per_step, losses=outcome.losses,
                 lr=outcome.learning_rate or 0.0, grad_norm=outcome.grad_norm,
                 step_time=elapsed / steps_in_interval, tokens_per_step=tokens_per_step,
-                skipped_steps=int(outcome.skipped), nonfinite_steps=result.nonfinite_steps,
+                skipped_steps=result.skipped_steps, nonfinite_steps=result.nonfinite_steps,
                 max_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                 else None)
             interval_start = time.perf_counter()

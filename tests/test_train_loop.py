@@ -116,3 +116,29 @@ def _expect_error(overrides):
     except (FileNotFoundError, ValueError) as error:
         return str(error)
     raise AssertionError("training started without data")
+
+
+def _nan_run(overrides):
+    import megatron_jrt.train as train_module
+
+    real_forward_step = train_module._forward_step
+
+    def nan_forward_step(data_iterator, model):
+        output, loss_func = real_forward_step(data_iterator, model)
+        return output * float("nan"), loss_func
+
+    train_module._forward_step = nan_forward_step
+    try:
+        _run(overrides)
+    except train_module.NonFiniteLossError as error:
+        return str(error)
+    finally:
+        train_module._forward_step = real_forward_step
+    raise AssertionError("training went on through non-finite losses")
+
+
+def test_nonfinite_losses_are_skipped_then_halt_the_run(tmp_path):
+    message = launch(_nan_run, 1, MOCK + ["training.max_consecutive_nonfinite=3",
+                                          f"logging.run_dir={tmp_path}"], in_process=True)[0]
+    assert "step 3: 3 consecutive steps with a non-finite loss" in message
+    assert "training.max_consecutive_nonfinite" in message
