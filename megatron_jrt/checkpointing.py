@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from data_prep.fsutil import atomic_write_bytes, fsync_dir, sha256_file
+from megatron_jrt.platform import current_device, distributed_optimizer_checkpoint_metadata
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,7 @@ def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict:
         state["optimizer"] = optimizer.sharded_state_dict(
             state, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-                      # gloo gather to DP rank 0; the NCCL all-gather path calls .cuda()
-                      "distrib_optim_fully_reshardable_mem_efficient":
-                          not torch.cuda.is_available()})
+                      **distributed_optimizer_checkpoint_metadata()})
     return state
 
 
@@ -565,8 +564,7 @@ class ShutdownSignal:
         self.received = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+        flag = torch.tensor([1.0 if self.received else 0.0], device=current_device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() > 0 and self.received is None:
             self.received = "a peer rank's signal"

@@ -146,6 +146,22 @@ def is_cpu_platform() -> bool:
     return not _REAL_TORCH.cuda.is_available()
 
 
+def distributed_optimizer_checkpoint_metadata() -> dict:
+    """Extra metadata for the distributed optimizer's sharded state dict.
+
+    Its fully reshardable format gathers the state with an all-gather that calls ``.cuda()``;
+    without CUDA it must take the memory-efficient path (a gather to data-parallel rank 0).
+    """
+    return {"distrib_optim_fully_reshardable_mem_efficient": is_cpu_platform()}
+
+
+def current_device() -> _REAL_TORCH.device:
+    """The device this rank computes on: its GPU, or the CPU."""
+    if _REAL_TORCH.cuda.is_available():
+        return _REAL_TORCH.device("cuda", _REAL_TORCH.cuda.current_device())
+    return _REAL_TORCH.device("cpu")
+
+
 # --------------------------------------------------------------------------- 1. the proxy
 
 def _to_cpu_device(device):

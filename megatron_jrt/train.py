@@ -89,6 +89,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from megatron_jrt.flops import flops_per_token, peak_flops_per_device
     from megatron_jrt.metrics import MetricsLogger
     from megatron_jrt.model import build_model
+    from megatron_jrt.platform import current_device
     from megatron_jrt.training.optim import build_optimizer
     from megatron_jrt.training.parallelize import wrap_with_ddp
     from megatron_jrt.training.step import eval_step, train_step
@@ -164,8 +165,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if resumed is not None:
         _resume_data(train_batches.source, resumed, dp_world)
     num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp_world)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = current_device()
     step_kwargs = dict(num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
                        micro_batch_size=cfg.data.micro_batch_size)
 

@@ -32,6 +32,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_jrt.platform import current_device
+
 
 @dataclass
 class StepResult:
@@ -42,11 +44,6 @@ class StepResult:
     skipped: bool = False  # non-finite loss (or fp16 overflow): no update was applied
     num_zeros: int | None = None  # zeros in the grads, when the optimizer counts them
     learning_rate: float | None = None  # lr used by this step
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
 
 
 def reduce_losses(losses_reduced: list[dict]) -> dict[str, float]:
@@ -67,7 +64,7 @@ def reduce_losses(losses_reduced: list[dict]) -> dict[str, float]:
                 value = torch.as_tensor(microbatch[key]).detach().double().cpu().view(-1)
                 total += value if value.numel() == 2 else torch.cat([value, value.new_ones(1)])
             pairs.append(total)
-        stacked = torch.stack(pairs).to(_device())
+        stacked = torch.stack(pairs).to(current_device())
         torch.distributed.all_reduce(
             stacked, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
         )
@@ -87,7 +84,7 @@ def reduce_losses(losses_reduced: list[dict]) -> dict[str, float]:
 def _all_ranks_finite(losses: dict[str, float]) -> bool:
     """True when every rank saw finite losses (ranks must agree, or collectives hang)."""
     bad = torch.tensor([0.0 if all(math.isfinite(v) for v in losses.values()) else 1.0],
-                       device=_device())
+                       device=current_device())
     torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return bad.item() == 0.0
 
