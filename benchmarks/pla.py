@@ -7,7 +7,7 @@ over a measured device-to-device copy bandwidth), and the decode step vs its bou
 (reading and writing the fp32 state once).
 
     python benchmarks/pla.py                 # full table
-    python benchmarks/pla.py --tune          # sweep launch configs first, then the table
+    python benchmarks/pla.py --tune red,fwd,bwd   # sweep launch configs (incl. sequence splits) first
     python benchmarks/pla.py --lengths 2048,8192 --json out.json
 """
 from __future__ import annotations
@@ -57,43 +57,52 @@ def fwd_flops(N, M, dv, C=64):
 
 
 # ----------------------------------------------------------------------------- tuning
-# (quadratic features, chunk, dv block, warps, stages)
-FWD_CANDIDATES = [("packed", 64, 64, 8, 1), ("packed", 64, 32, 4, 1), ("packed", 32, 32, 4, 1), ("packed", 32, 64, 4, 1),
-                  ("packed", 64, 64, 4, 1), ("packed", 128, 64, 8, 1), ("packed", 64, 32, 8, 1), ("packed", 64, 64, 8, 2),
-                  ("unpacked", 64, 64, 8, 1), ("unpacked", 32, 32, 4, 1),
-                  ("reshape", 64, 64, 8, 1), ("reshape", 32, 32, 4, 1)]
-# BV = 64 backward configs hit an illegal memory access on H100 / triton 3.6 (unresolved): not offered
-BWD_CANDIDATES = [("reshape", 64, 32, 4, 1), ("reshape", 32, 32, 4, 1), ("reshape", 64, 32, 8, 1),
-                  ("reshape", 32, 16, 2, 1), ("reshape", 64, 16, 4, 1)]
+# (quadratic features, chunk, dv block, warps, stages, waves); waves = sequence splits aiming at
+# waves x SM-count programs (0 = one split: the sequential scan of the first version)
+FWD_CANDIDATES = [("packed", 32, 64, 4, 1, 0), ("packed", 32, 64, 4, 1, 2), ("packed", 32, 64, 4, 1, 4),
+                  ("packed", 32, 64, 4, 1, 8), ("packed", 32, 64, 4, 1, 16), ("packed", 32, 64, 4, 1, 32),
+                  ("packed", 64, 64, 4, 1, 8), ("packed", 64, 64, 8, 1, 8), ("packed", 32, 32, 4, 1, 8),
+                  ("packed", 64, 64, 4, 1, 16)]
+# BV = 64 / 8-warp / BV = 16 backward configs hit an illegal memory access on H100 / triton 3.6 (unresolved)
+BWD_CANDIDATES = [("reshape", 64, 32, 4, 1, 0), ("reshape", 64, 32, 4, 1, 2), ("reshape", 64, 32, 4, 1, 4),
+                  ("reshape", 64, 32, 4, 1, 8), ("reshape", 64, 32, 4, 1, 16), ("reshape", 32, 32, 4, 1, 8),
+                  ("reshape", 32, 32, 4, 1, 16)]
+# prefix / split reduction kernel (feeds the scans)
+RED_CANDIDATES = [("packed", 32, 64, 4, 1, 0), ("packed", 64, 64, 4, 1, 0), ("packed", 64, 64, 8, 1, 0),
+                  ("packed", 128, 64, 8, 1, 0), ("packed", 32, 32, 4, 1, 0), ("unpacked", 64, 64, 8, 1, 0)]
 
 
 def tune(dv, N=4096, log=print, kinds=("fwd", "bwd")):
     M = N // 2
     best = {}
     x = inputs(N, M, dv)
-    for kind, cands in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
+    for kind, cands in (("red", RED_CANDIDATES), ("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
         if kind not in kinds:
             continue
         res = []
-        for feat, C, BV, nw, ns in cands:
-            T._CFG[(kind, dv)] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, feat=feat)
+        for feat, C, BV, nw, ns, waves in cands:
+            T._CFG[(kind, dv)] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, feat=feat, waves=waves)
             try:
-                if kind == "fwd":
-                    t = ms(lambda: T._forward(*x, 1e-12, False, False), rep=50)
+                if kind == "red":
+                    t = ms(lambda: T._encoder(x[1], x[2]), rep=50)
+                elif kind == "fwd":
+                    t = ms(lambda: T._forward(*x, 1e-12, False, True), rep=50)
                 else:
                     xg = [t_.clone().requires_grad_() for t_ in x]
                     y = T.pla_triton(*xg)
                     dy = torch.randn_like(y)
-                    t = ms(lambda: torch.autograd.grad(y, xg, dy, retain_graph=True), rep=50)
+                    t = ms(lambda: torch.autograd.grad(y, xg, dy, retain_graph=True), rep=100)
             except Exception as e:  # out of resources etc.
-                log(f"  tune {kind} dv{dv} {feat} C{C} BV{BV} w{nw} s{ns}: failed {type(e).__name__}: {str(e)[:120]}")
+                log(f"  tune {kind} dv{dv} N{N} {feat} C{C} BV{BV} w{nw} s{ns} waves{waves}: failed {type(e).__name__}: {str(e)[:120]}")
                 continue
-            log(f"  tune {kind} dv{dv} {feat} C{C} BV{BV} w{nw} s{ns}: {t:.3f} ms")
-            res.append((t, (feat, C, BV, nw, ns)))
-        t, (feat, C, BV, nw, ns) = min(res)
-        best[kind] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, feat=feat)
+            log(f"  tune {kind} dv{dv} N{N} {feat} C{C} BV{BV} w{nw} s{ns} waves{waves}: {t:.3f} ms")
+            res.append((t, (feat, C, BV, nw, ns, waves)))
+        t, (feat, C, BV, nw, ns, waves) = min(res)
+        best[kind] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, feat=feat, waves=waves)
         T._CFG[(kind, dv)] = best[kind]
-        log(f"best {kind} dv{dv}: {best[kind]} {t:.3f} ms")
+        log(f"best {kind} dv{dv} N{N}: {best[kind]} {t:.3f} ms")
+    del x
+    torch.cuda.empty_cache()
     return best
 
 
@@ -156,7 +165,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     ap.add_argument("--bwd-lengths", default="2048,4096,8192,16384")
-    ap.add_argument("--tune", default="", help="comma list of kinds to tune first: fwd,bwd")
+    ap.add_argument("--tune", default="", help="comma list of kinds to tune first: red,fwd,bwd")
+    ap.add_argument("--tune-n", type=int, default=8192, help="sequence length for tuning")
+    ap.add_argument("--tune-dv", default="64,112")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -166,8 +177,8 @@ def main():
     log(f"device {dev}; torch {torch.__version__}; triton {triton.__version__}; copy bandwidth {bw:.0f} GB/s")
     out = dict(device=dev, torch=torch.__version__, triton=triton.__version__, bandwidth_gbs=bw, rows=[], decode=[], tuned={})
     if args.tune:
-        for dv in (64, 112):
-            out["tuned"][dv] = tune(dv, log=log, kinds=args.tune.split(","))
+        for dv in [int(d) for d in args.tune_dv.split(",")]:
+            out["tuned"][dv] = tune(dv, N=args.tune_n, log=log, kinds=args.tune.split(","))
     if args.no_table:
         return
     log("configs in use: " + json.dumps({f"{k[0]}/{k[1]}": v for k, v in T._CFG.items()} or {"default": T._CFG_DEFAULT}))
@@ -206,6 +217,22 @@ def main():
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         del x, a
         torch.cuda.empty_cache()
+    # small batches: sequence splits (configured waves) vs one split per (b, h) (the first version)
+    for b_, N in [(1, 32768), (2, 8192), (1, 8192)]:
+        x = inputs(N, N // 2, dv, b=b_, h=H)
+        r = dict(B=b_, H=H, N=N)
+        for name, waves in (("split", None), ("nosplit", 0)):
+            saved = {k_: dict(v_) for k_, v_ in T._CFG.items()}
+            if waves is not None:
+                for kind in ("fwd", "bwd"):
+                    T._CFG[(kind, dv)] = dict(T._cfg(dv, kind), waves=waves)
+            with torch.no_grad():
+                r[f"prefill_{name}"] = ms(lambda: T.pla_prefill_triton(*x))
+            r[f"fwdbwd_{name}"] = ms(fwdbwd(T.pla_triton, x))
+            T._CFG.clear(), T._CFG.update(saved)
+        out.setdefault("small_batch", []).append(r)
+        log(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in r.items()}))
+        del x
     for dv_ in (64, 112):
         r = decode_bench(dv_, bw)
         out["decode"].append(r)

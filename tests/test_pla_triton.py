@@ -78,6 +78,29 @@ def test_triton_matches_reference(B, H, N, M, dv, dtype):
     print(f"B{B} H{H} N{N} M{M} dv{dv} {str(dtype)[6:]}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
 
 
+# forced sequence splits (tokens per split, rounded up to the chunk): split boundaries inside and at
+# the end of the encoder region, a partial last split, many splits per head
+SPLIT_CASES = [
+    (2, 3, 1000, 300, 64, torch.bfloat16, 96),
+    (1, 4, 777, 1024, 112, torch.bfloat16, 200),
+    (3, 16, 640, 640, 64, torch.bfloat16, 64),
+    (1, 2, 333, 100, 112, torch.float32, 64),
+    (2, 1, 129, 129, 64, torch.float32, 1),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,H,N,M,dv,dtype,tok", SPLIT_CASES)
+def test_triton_split_paths(B, H, N, M, dv, dtype, tok):
+    from kernels.pla import triton_pla as T
+    T._FORCE_SPLIT_TOK = tok
+    try:
+        errs = check_all(T, B, H, N, M, dv, dtype, "cuda", TOL[dtype], seed=N + dv + tok)
+    finally:
+        T._FORCE_SPLIT_TOK = None
+    print(f"split{tok} B{B} H{H} N{N} M{M} dv{dv} {str(dtype)[6:]}: " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+
+
 @pytest.mark.gpu
 def test_dispatcher_uses_triton_on_cuda():
     import kernels.pla as pla
@@ -117,6 +140,9 @@ from kernels.pla import triton_pla as T
 from kernels.pla.reference import PLAState, pla_decode_step
 for shape in [(1, 2, 37, 21, 40), (2, 1, 16, 30, 16)]:
     print(check_all(T, *shape, torch.float32, "cpu", 1e-5))
+T._FORCE_SPLIT_TOK = 16  # sequence-split paths: 37 tokens -> 3 splits of one chunk, last one partial
+print(check_all(T, 1, 2, 37, 21, 40, torch.float32, "cpu", 1e-5))
+T._FORCE_SPLIT_TOK = None
 q, k, v = torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.randn(2, 3, 24)
 S, z = torch.randn(2, 3, 273, 24), torch.rand(2, 3, 273) + 10
 a, b = PLAState(S.clone(), z.clone()), PLAState(S.clone(), z.clone())

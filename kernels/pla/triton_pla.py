@@ -8,14 +8,19 @@ so phi(q) S = S0 + q~ S1 + 0.5 (q~ (x) q~) S2. The public PLAState is the unpack
 ([1 + f + f*f] rows, quadratic rows = S2 / sqrt2). The 273 features are never written to HBM:
 the outer products are built in registers, chunk by chunk.
 
-Kernels (one program per (batch*head, dv block); sequential over chunks of C tokens):
-  _enc_kernel       prefix reduction (S_e, z_e) of k_enc, v_enc, optionally split over the prefix
-  _fwd_kernel       chunked causal Taylor linear attention from (S_e, z_e); stores y, the
-                    normaliser, and optionally the final state (prefill)
-  _bwd_dq_kernel    forward scan again for dq
-  _bwd_dkv_kernel   reverse scan for dk, dv and the total state gradient dS
+Kernels (one program per (batch*head, dv block, sequence split); sequential over chunks of C tokens):
+  _enc_g_kernel     reduction of a token range into a state (S, z = sum phi(k) w): the encoder prefix
+                    (split over the prefix), and per-split sums for the sequence split
+  _fwd_g_kernel     chunked causal Taylor linear attention over one split from its initial state
+                    (S_e, z_e plus all earlier splits); stores y, the normaliser, and the final state
+  _bwd_dq_kernel    forward scan again for dq (same splits and initial states)
+  _bwd_dkv_kernel   reverse scan for dk, dv from the state gradient of all later splits; split 0
+                    stores the total state gradient dS
   _bwd_enc_kernel   dk_enc, dv_enc from dS (parallel over the prefix)
   _decode_kernel    one-token state update + readout, fused over heads, in place
+Sequence split: the number of splits P fills the GPU (config "waves"); P = 1 at B*H >= SM count,
+where the scans are throughput bound and a split only adds its reduction pass. Initial states of
+the splits: torch exclusive cumsum (fp32) over the per-split sums.
 dq and dk sum over dv blocks: each block writes an fp32 partial and torch sums them.
 """
 from __future__ import annotations
@@ -108,51 +113,6 @@ def _store_s2(S, Z, bh, s2, z2, TA, TB, TW, off: tl.constexpr, R: tl.constexpr, 
             tl.store(Z + pub, z2 * inv, mask=live)
 
 
-# ----------------------------------------------------------------------------- prefix reduction
-@triton.jit
-def _enc_kernel(KE, VE, PS, PZ, M, DV, TOK_PER_SPLIT, scale,
-                F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    pv = tl.program_id(1)
-    sp = tl.program_id(2)
-    BH = tl.num_programs(0)
-    D: tl.constexpr = 1 + F + F * F
-    DT = KE.dtype.element_ty
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    offs_ff = tl.arange(0, F * F)
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
-    s0 = tl.zeros([BV], tl.float32)
-    s1 = tl.zeros([F, BV], tl.float32)
-    s2 = tl.zeros([F * F, BV], tl.float32)
-    z0 = tl.zeros([C], tl.float32)
-    z1 = tl.zeros([F], tl.float32)
-    z2 = tl.zeros([F * F], tl.float32)
-    start = sp * TOK_PER_SPLIT
-    end = tl.minimum(start + TOK_PER_SPLIT, M)
-    for c0 in range(start, end, C):
-        rows = c0 + offs_c
-        rm = rows < end
-        k = tl.load(KE + bh * M * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        v = tl.load(VE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
-        k2 = _outer(k, C, F)
-        s2 += tl.dot(tl.trans(k2.to(DT)), v, input_precision=PREC)
-        s1 += tl.dot(tl.trans(k.to(DT)), v, input_precision=PREC)
-        s0 += tl.sum(v.to(tl.float32), axis=0)
-        z2 += tl.sum(k2, axis=0)
-        z1 += tl.sum(k, axis=0)
-        z0 += rm.to(tl.float32)
-    base = (sp * BH + bh) * D
-    tl.store(PS + base * DV + offs_v, s0, mask=mv)
-    tl.store(PS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
-    tl.store(PS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], s2 / 1.4142135623730951, mask=mv[None, :])
-    if pv == 0:
-        tl.store(PZ + base + tl.arange(0, 1), tl.sum(z0, axis=0) + tl.zeros([1], tl.float32))
-        tl.store(PZ + base + 1 + offs_f, z1)
-        tl.store(PZ + base + 1 + F + offs_ff, z2 / 1.4142135623730951)
-
-
 @triton.jit
 def _load_state(S, Z, bh, offs_v, mv, DV, F: tl.constexpr):
     D: tl.constexpr = 1 + F + F * F
@@ -168,71 +128,14 @@ def _load_state(S, Z, bh, offs_v, mv, DV, F: tl.constexpr):
     return s0, s1, s2, z0, z1, z2
 
 
-# ----------------------------------------------------------------------------- forward
-@triton.jit
-def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, N, DV, scale, eps,
-                F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                STORE_DEN: tl.constexpr, STORE_STATE: tl.constexpr):
-    bh = tl.program_id(0)
-    pv = tl.program_id(1)
-    D: tl.constexpr = 1 + F + F * F
-    DT = Q.dtype.element_ty
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    offs_ff = tl.arange(0, F * F)
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
-    s0, s1, s2, z0, z1, z2 = _load_state(S_INIT, Z_INIT, bh, offs_v, mv, DV, F)
-    causal = offs_c[:, None] >= offs_c[None, :]
-    for c0 in range(0, N, C):
-        rows = c0 + offs_c
-        rm = rows < N
-        q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
-        q2 = _outer(q, C, F)
-        qd = q.to(DT)
-        kd = k.to(DT)
-        # inter-chunk: phi(q) . state before the chunk
-        num = s0[None, :] + tl.dot(qd, s1.to(DT), input_precision=PREC) \
-            + 0.5 * tl.dot(q2.to(DT), s2.to(DT), input_precision=PREC)
-        den = z0 + tl.sum(q * z1[None, :], axis=1) + 0.5 * tl.sum(q2 * z2[None, :], axis=1)
-        # intra-chunk: (1 + s + s^2/2), causal, pad keys out
-        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)
-        a = tl.where(causal & rm[None, :], 1.0 + s + 0.5 * s * s, 0.0)
-        num += tl.dot(a.to(DT), v, input_precision=PREC)
-        den += tl.sum(a, axis=1)
-        den = den + eps
-        y = num / den[:, None]
-        tl.store(Y + bh * N * DV + rows[:, None] * DV + offs_v[None, :], y.to(Y.dtype.element_ty), mask=rm[:, None] & mv[None, :])
-        if STORE_DEN:
-            if pv == 0:
-                tl.store(DEN + bh * N + rows, den, mask=rm)
-        # state update with this chunk's keys (pad rows: k = 0, v = 0, counted out of z0)
-        k2 = _outer(k, C, F)
-        s2 += tl.dot(tl.trans(k2.to(DT)), v, input_precision=PREC)
-        s1 += tl.dot(tl.trans(kd), v, input_precision=PREC)
-        s0 += tl.sum(v.to(tl.float32), axis=0)
-        z2 += tl.sum(k2, axis=0)
-        z1 += tl.sum(k, axis=0)
-        z0 += tl.sum(rm.to(tl.float32), axis=0)
-    if STORE_STATE:
-        base = bh * D
-        tl.store(S_OUT + base * DV + offs_v, s0, mask=mv)
-        tl.store(S_OUT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
-        tl.store(S_OUT + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], s2 / 1.4142135623730951, mask=mv[None, :])
-        if pv == 0:
-            tl.store(Z_OUT + base + tl.arange(0, 1), z0 + tl.zeros([1], tl.float32))
-            tl.store(Z_OUT + base + 1 + offs_f, z1)
-            tl.store(Z_OUT + base + 1 + F + offs_ff, z2 / 1.4142135623730951)
-
-
 # ----------------------------------------------------------------------------- forward, gathered features
 @triton.jit
-def _enc_g_kernel(KE, VE, PS, PZ, TA, TB, TW, M, DV, TOK_PER_SPLIT, scale,
+def _enc_g_kernel(KE, VE, W, PS, PZ, TA, TB, TW, M, DV, TOK_PER_SPLIT, SP0, scale,
                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                  R1: tl.constexpr, R2: tl.constexpr):
-    """_enc_kernel with the quadratic features gathered (R1 + R2 rows; packed when R1 = 128)."""
+                  R1: tl.constexpr, R2: tl.constexpr, HAS_W: tl.constexpr):
+    """Reduction of tokens [(sp + SP0) * TOK, ...) of (KE, VE) into a state, public layout, written to
+    split slot sp: S = sum phi(k) v^T, z = sum phi(k) w (w = 1 without W). Quadratic features gathered
+    (R1 + R2 rows; packed when R1 = 128)."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
     sp = tl.program_id(2)
@@ -252,7 +155,7 @@ def _enc_g_kernel(KE, VE, PS, PZ, TA, TB, TW, M, DV, TOK_PER_SPLIT, scale,
     z1 = tl.zeros([F], tl.float32)
     z2a = tl.zeros([R1], tl.float32)
     z2b = tl.zeros([16], tl.float32)
-    start = sp * TOK_PER_SPLIT
+    start = (sp + SP0) * TOK_PER_SPLIT
     end = tl.minimum(start + TOK_PER_SPLIT, M)
     X = KE + bh * M * F
     for c0 in range(start, end, C):
@@ -260,17 +163,21 @@ def _enc_g_kernel(KE, VE, PS, PZ, TA, TB, TW, M, DV, TOK_PER_SPLIT, scale,
         rm = rows < end
         k = tl.load(X + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
         v = tl.load(VE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        if HAS_W:
+            w = tl.load(W + bh * M + rows, mask=rm, other=0.)
+        else:
+            w = rm.to(tl.float32)
         k2t = _feat2(X, rows, rm, TA, TB, TW, 0, R1, F, True) * sc2
         s2a += tl.dot(k2t.to(DT), v, input_precision=PREC)
-        z2a += tl.sum(k2t, axis=1)
+        z2a += tl.sum(k2t * w[None, :], axis=1)
         if R2 > 0:
             k2t_b = _feat2(X, rows, rm, TA, TB, TW, R1, R2, F, True) * sc2
             s2b += tl.dot(k2t_b.to(DT), v, input_precision=PREC)
-            z2b += tl.sum(k2t_b, axis=1)
+            z2b += tl.sum(k2t_b * w[None, :], axis=1)
         s1 += tl.dot(tl.trans(k.to(DT)), v, input_precision=PREC)
         s0 += tl.sum(v.to(tl.float32), axis=0)
-        z1 += tl.sum(k, axis=0)
-        z0 += rm.to(tl.float32)
+        z1 += tl.sum(k * w[:, None], axis=0)
+        z0 += w
     so = sp * BH + bh
     base = so * D
     tl.store(PS + base * DV + offs_v, s0, mask=mv)
@@ -284,12 +191,19 @@ def _enc_g_kernel(KE, VE, PS, PZ, TA, TB, TW, M, DV, TOK_PER_SPLIT, scale,
 
 
 @triton.jit
-def _fwd_g_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, TA, TB, TW, N, DV, scale, eps,
+def _fwd_g_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, TA, TB, TW, N, DV, TOK, scale, eps,
                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
                   STORE_DEN: tl.constexpr, STORE_STATE: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr):
-    """_fwd_kernel with the quadratic features gathered (R1 + R2 rows; packed when R1 = 128)."""
+    """Chunked causal forward over split sp = tokens [sp * TOK, (sp + 1) * TOK) from that split's initial
+    state (S_INIT slot sp * BH + bh, public layout). Quadratic features gathered (R1 + R2 rows; packed
+    when R1 = 128). The last split stores the final state (prefill)."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
+    sp = tl.program_id(2)
+    BH = tl.num_programs(0)
+    last = sp == tl.num_programs(2) - 1
+    start = sp * TOK
+    end = tl.minimum(start + TOK, N)
     D: tl.constexpr = 1 + F + F * F
     DT = Q.dtype.element_ty
     sc2 = scale * scale
@@ -297,23 +211,24 @@ def _fwd_g_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, TA, TB, TW, N, 
     offs_f = tl.arange(0, F)
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    base = bh * D
+    so = sp * BH + bh
+    base = so * D
     s0 = tl.load(S_INIT + base * DV + offs_v, mask=mv, other=0.)
     s1 = tl.load(S_INIT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
     z0 = tl.sum(tl.load(Z_INIT + base + tl.arange(0, 1)), axis=0)
     z1 = tl.load(Z_INIT + base + 1 + offs_f)
-    s2a, z2a = _load_s2(S_INIT, Z_INIT, bh, TA, TB, TW, 0, R1, offs_v, mv, DV, F)
+    s2a, z2a = _load_s2(S_INIT, Z_INIT, so, TA, TB, TW, 0, R1, offs_v, mv, DV, F)
     if R2 > 0:
-        s2b, z2b = _load_s2(S_INIT, Z_INIT, bh, TA, TB, TW, R1, R2, offs_v, mv, DV, F)
+        s2b, z2b = _load_s2(S_INIT, Z_INIT, so, TA, TB, TW, R1, R2, offs_v, mv, DV, F)
     else:
         s2b = tl.zeros([16, BV], tl.float32)
         z2b = tl.zeros([16], tl.float32)
     causal = offs_c[:, None] >= offs_c[None, :]
     XQ = Q + bh * N * F
     XK = K + bh * N * F
-    for c0 in range(0, N, C):
+    for c0 in range(start, end, C):
         rows = c0 + offs_c
-        rm = rows < N
+        rm = rows < end
         q = tl.load(XQ + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
         k = tl.load(XK + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
         v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
@@ -349,14 +264,16 @@ def _fwd_g_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, TA, TB, TW, N, 
         z1 += tl.sum(k, axis=0)
         z0 += tl.sum(rm.to(tl.float32), axis=0)
     if STORE_STATE:
-        tl.store(S_OUT + base * DV + offs_v, s0, mask=mv)
-        tl.store(S_OUT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
-        _store_s2(S_OUT, Z_OUT, bh, s2a, z2a, TA, TB, TW, 0, R1, offs_v, mv, DV, F, pv == 0)
-        if R2 > 0:
-            _store_s2(S_OUT, Z_OUT, bh, s2b, z2b, TA, TB, TW, R1, R2, offs_v, mv, DV, F, pv == 0)
-        if pv == 0:
-            tl.store(Z_OUT + base + tl.arange(0, 1), z0 + tl.zeros([1], tl.float32))
-            tl.store(Z_OUT + base + 1 + offs_f, z1)
+        if last:
+            base = bh * D
+            tl.store(S_OUT + base * DV + offs_v, s0, mask=mv)
+            tl.store(S_OUT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
+            _store_s2(S_OUT, Z_OUT, bh, s2a, z2a, TA, TB, TW, 0, R1, offs_v, mv, DV, F, pv == 0)
+            if R2 > 0:
+                _store_s2(S_OUT, Z_OUT, bh, s2b, z2b, TA, TB, TW, R1, R2, offs_v, mv, DV, F, pv == 0)
+            if pv == 0:
+                tl.store(Z_OUT + base + tl.arange(0, 1), z0 + tl.zeros([1], tl.float32))
+                tl.store(Z_OUT + base + 1 + offs_f, z1)
 
 
 _TABLES: dict = {}
@@ -385,22 +302,27 @@ def _rows(mode):
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, N, DV, scale,
+def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, N, DV, TOK, scale,
                    F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Forward scan over split sp (tokens [sp * TOK, (sp + 1) * TOK)) from its initial state (S_INIT slot
+    sp * BH + bh, public layout) for dq."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
+    sp = tl.program_id(2)
     BH = tl.num_programs(0)
+    start = sp * TOK
+    end = tl.minimum(start + TOK, N)
     DT = Q.dtype.element_ty
     offs_c = tl.arange(0, C)
     offs_f = tl.arange(0, F)
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
     first = (pv == 0).to(tl.float32)  # the normaliser's terms are added by one dv block only
-    s0, s1, s2, z0, z1, z2 = _load_state(S_INIT, Z_INIT, bh, offs_v, mv, DV, F)
+    s0, s1, s2, z0, z1, z2 = _load_state(S_INIT, Z_INIT, sp * BH + bh, offs_v, mv, DV, F)
     causal = offs_c[:, None] >= offs_c[None, :]
-    for c0 in range(0, N, C):
+    for c0 in range(start, end, C):
         rows = c0 + offs_c
-        rm = rows < N
+        rm = rows < end
         q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
         k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
         v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
@@ -428,11 +350,17 @@ def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, N, DV, scale,
 
 
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, N, DV, scale,
-                    F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, DS_INIT, DZ_INIT, N, DV, TOK, scale,
+                    F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Reverse scan over split sp (tokens [sp * TOK, (sp + 1) * TOK)) starting from the state gradient of
+    all later splits (DS_INIT / DZ_INIT slot sp * BH + bh, internal layout; zero without HAS_INIT).
+    Split 0 stores the total state gradient (DS, DZ) for the encoder backward."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
+    sp = tl.program_id(2)
     BH = tl.num_programs(0)
+    start = sp * TOK
+    end = tl.minimum(start + TOK, N)
     D: tl.constexpr = 1 + F + F * F
     DT = Q.dtype.element_ty
     offs_c = tl.arange(0, C)
@@ -441,18 +369,27 @@ def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, N, DV, scale,
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
     first = (pv == 0).to(tl.float32)
-    d0 = tl.zeros([BV], tl.float32)
-    d1 = tl.zeros([F, BV], tl.float32)
-    d2 = tl.zeros([F * F, BV], tl.float32)
     e0 = tl.zeros([C], tl.float32)  # dz, summed at the end
-    e1 = tl.zeros([F], tl.float32)
-    e2 = tl.zeros([F * F], tl.float32)
+    if HAS_INIT:
+        bi = (sp * BH + bh) * D
+        d0 = tl.load(DS_INIT + bi * DV + offs_v, mask=mv, other=0.)
+        d1 = tl.load(DS_INIT + (bi + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
+        d2 = tl.load(DS_INIT + (bi + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
+        e0 += tl.where(offs_c == 0, tl.sum(tl.load(DZ_INIT + bi + tl.arange(0, 1)), axis=0), 0.0)
+        e1 = tl.load(DZ_INIT + bi + 1 + offs_f)
+        e2 = tl.load(DZ_INIT + bi + 1 + F + offs_ff)
+    else:
+        d0 = tl.zeros([BV], tl.float32)
+        d1 = tl.zeros([F, BV], tl.float32)
+        d2 = tl.zeros([F * F, BV], tl.float32)
+        e1 = tl.zeros([F], tl.float32)
+        e2 = tl.zeros([F * F], tl.float32)
     causal = offs_c[:, None] >= offs_c[None, :]
-    n_chunks = tl.cdiv(N, C)
+    n_chunks = tl.cdiv(end - start, C)
     for ci in range(0, n_chunks):
-        c0 = (n_chunks - 1 - ci) * C
+        c0 = start + (n_chunks - 1 - ci) * C
         rows = c0 + offs_c
-        rm = rows < N
+        rm = rows < end
         q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
         k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
         v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
@@ -490,10 +427,11 @@ def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, N, DV, scale,
         e1 += tl.sum(q * dden_all[:, None], axis=0)
         e0 += dden_all
     base = bh * D
-    tl.store(DS + base * DV + offs_v, d0, mask=mv)
-    tl.store(DS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], d1, mask=mv[None, :])
-    tl.store(DS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], d2, mask=mv[None, :])
-    if pv == 0:
+    if sp == 0:
+        tl.store(DS + base * DV + offs_v, d0, mask=mv)
+        tl.store(DS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], d1, mask=mv[None, :])
+        tl.store(DS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], d2, mask=mv[None, :])
+    if (pv == 0) & (sp == 0):
         tl.store(DZ + base + tl.arange(0, 1), tl.sum(e0, axis=0) + tl.zeros([1], tl.float32))
         tl.store(DZ + base + 1 + offs_f, e1)
         tl.store(DZ + base + 1 + F + offs_ff, e2)
@@ -581,57 +519,117 @@ def _prec(dtype):
 
 
 def _cfg(dv, kind):
-    """Launch config for kind in ("fwd", "bwd"): chunk C, dv block BV, warps, stages.
+    """Launch config for kind in ("fwd", "bwd", "red"): chunk C, dv block BV, warps, stages, and for the
+    scans the sequence split ("waves": aim for waves x SM-count programs; 0 = one split).
     Tuned on an H100 with `python benchmarks/pla.py --tune`; see docs/PERFORMANCE.md."""
-    return _CFG.get((kind, dv), _CFG_DEFAULT)
+    return _CFG.get((kind, dv), _CFG_DEFAULT[kind])
 
 
-_CFG_DEFAULT = dict(C=64, BV=32, num_warps=4, num_stages=1, feat="packed")
+_CFG_DEFAULT = {"fwd": dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed", waves=1),
+                "bwd": dict(C=64, BV=32, num_warps=4, num_stages=1, waves=1),
+                "red": dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed")}
 # H100, triton 3.6 (docs/PERFORMANCE.md). Backward: only num_warps=4 with BV=32 is offered; num_warps=8
 # or BV=16 backward launches hit an illegal memory access there (not yet understood).
+# waves = 1: split the sequence only until the grid has one program per SM. At B=16, H=16 that is one
+# split (measured at N=8192: fwd 2.66 ms unsplit vs 3.02 / 3.32 / 3.83 ms at 2 / 8 / 32 waves; bwd 18.8
+# vs 21.5 ms at 8 waves): the scans are throughput bound there, and splits add a reduction pass.
+# Small batches (B * H << SM count) gain from the splits.
 _CFG: dict = {
-    ("fwd", 64): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed"),
-    ("fwd", 112): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed"),
-    ("bwd", 64): dict(C=64, BV=32, num_warps=4, num_stages=1),
-    ("bwd", 112): dict(C=64, BV=32, num_warps=4, num_stages=1),
+    ("fwd", 64): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed", waves=1),
+    ("fwd", 112): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed", waves=1),
+    ("bwd", 64): dict(C=64, BV=32, num_warps=4, num_stages=1, waves=1),
+    ("bwd", 112): dict(C=64, BV=32, num_warps=4, num_stages=1, waves=1),
+    ("red", 64): dict(C=64, BV=64, num_warps=4, num_stages=1, feat="packed"),
+    ("red", 112): dict(C=64, BV=64, num_warps=4, num_stages=1, feat="packed"),
 }
 _INTERPRET_C = 16  # chunk under TRITON_INTERPRET (CPU tests)
+_FORCE_SPLIT_TOK = None  # tests: force this many tokens per sequence split (rounded up to the chunk)
+_MIN_SPLIT_CHUNKS = 4  # a split holds at least this many chunks (unless forced)
+
+
+def _interpret():
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _chunk(cfg):
-    import os
-    return _INTERPRET_C if os.environ.get("TRITON_INTERPRET") == "1" else cfg["C"]
+    return _INTERPRET_C if _interpret() else cfg["C"]
 
 
-def _encoder(k_enc, v_enc, cfg, min_programs=None):
+def _n_sm(device):
+    if not torch.device(device).type == "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split(N, C, programs, waves, device):
+    """Tokens per sequence split (a multiple of C) and the number of splits."""
+    if N <= 0:
+        return max(N, 1), 1
+    if _FORCE_SPLIT_TOK is not None:
+        tok = triton.cdiv(_FORCE_SPLIT_TOK, C) * C
+    else:
+        P = max(1, min(triton.cdiv(int(waves * _n_sm(device)), programs), N // (_MIN_SPLIT_CHUNKS * C)))
+        tok = triton.cdiv(triton.cdiv(N, P), C) * C
+    return tok, triton.cdiv(N, tok)
+
+
+def _reduce(k, v, w, tok, nsplit, sp0, dv):
+    """Per-split state sums, public layout: slot j holds tokens of split j + sp0:
+    S [nsplit, BH, D, DV] = sum phi(k) v^T, z [nsplit, BH, D] = sum phi(k) w (w = 1 when None)."""
+    B, H, M, F = k.shape
+    DV = v.shape[-1]
+    BH = B * H
+    D = 1 + F + F * F
+    cfg = _cfg(dv, "red")
+    BV = cfg["BV"]
+    nv = triton.cdiv(DV, BV)
+    PS = torch.empty(nsplit, BH, D, DV, device=k.device, dtype=torch.float32)
+    PZ = torch.empty(nsplit, BH, D, device=k.device, dtype=torch.float32)
+    mode = cfg.get("feat", "packed")
+    R1, R2 = _rows(mode)
+    _enc_g_kernel[(BH, nv, nsplit)](k, v, k if w is None else w, PS, PZ, *_tables(mode, k.device), M, DV, tok, sp0,
+                                    F ** -0.25, F=F, C=_chunk(cfg), BV=BV, PREC=_prec(k.dtype), R1=R1, R2=R2,
+                                    HAS_W=w is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return PS, PZ
+
+
+def _encoder(k_enc, v_enc, cfg=None, min_programs=None):
     B, H, M, F = k_enc.shape
     DV = v_enc.shape[-1]
     BH = B * H
     D = 1 + F + F * F
-    BV = cfg["BV"]
-    nv = triton.cdiv(DV, BV)
-    C = _chunk(cfg)
+    rcfg = _cfg(DV, "red")
+    nv = triton.cdiv(DV, rcfg["BV"])
+    C = _chunk(rcfg)
+    if M == 0:
+        return (torch.zeros(BH, D, DV, device=k_enc.device, dtype=torch.float32),
+                torch.zeros(BH, D, device=k_enc.device, dtype=torch.float32))
     if min_programs is None:
-        min_programs = 2 * torch.cuda.get_device_properties(k_enc.device).multi_processor_count if k_enc.is_cuda else 1
+        min_programs = 4 * _n_sm(k_enc.device) if k_enc.is_cuda else 1
     split = max(1, min(triton.cdiv(M, 4 * C), triton.cdiv(min_programs, BH * nv)))
     tok = triton.cdiv(triton.cdiv(M, split), C) * C
-    split = triton.cdiv(M, tok) if M > 0 else 1
-    PS = torch.empty(split, BH, D, DV, device=k_enc.device, dtype=torch.float32)
-    PZ = torch.empty(split, BH, D, device=k_enc.device, dtype=torch.float32)
-    mode = cfg.get("feat", "reshape")
-    if M == 0:
-        PS.zero_(), PZ.zero_()
-    elif mode != "reshape":
-        R1, R2 = _rows(mode)
-        _enc_g_kernel[(BH, nv, split)](k_enc, v_enc, PS, PZ, *_tables(mode, k_enc.device), M, DV, tok, F ** -0.25,
-                                       F=F, C=C, BV=BV, PREC=_prec(k_enc.dtype), R1=R1, R2=R2,
-                                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    else:
-        _enc_kernel[(BH, nv, split)](k_enc, v_enc, PS, PZ, M, DV, tok, F ** -0.25, F=F, C=C, BV=BV,
-                                     PREC=_prec(k_enc.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    split = triton.cdiv(M, tok)
+    PS, PZ = _reduce(k_enc, v_enc, None, tok, split, 0, DV)
     if split == 1:
         return PS[0], PZ[0]
     return PS.sum(0), PZ.sum(0)
+
+
+def _prefix_states(k, v, Se, Ze, tok, P):
+    """Initial state of each split (public layout): Se + sums over all earlier splits. [P, BH, D, DV], [P, BH, D]."""
+    if P == 1:
+        return Se[None], Ze[None]
+    PS, PZ = _reduce(k, v, None, tok, P - 1, 0, v.shape[-1])
+    S = torch.empty((P,) + tuple(Se.shape), device=Se.device, dtype=torch.float32)
+    Z = torch.empty((P,) + tuple(Ze.shape), device=Se.device, dtype=torch.float32)
+    S[0] = Se
+    Z[0] = Ze
+    torch.cumsum(PS, 0, out=S[1:])
+    torch.cumsum(PZ, 0, out=Z[1:])
+    S[1:] += Se
+    Z[1:] += Ze
+    return S, Z
 
 
 def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
@@ -640,24 +638,23 @@ def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
     DV = v.shape[-1]
     cfg = _cfg(DV, "fwd")
     BV = cfg["BV"]
+    C = _chunk(cfg)
     nv = triton.cdiv(DV, BV)
     D = 1 + F + F * F
-    Se, Ze = _encoder(k_enc, v_enc, cfg)
+    Se, Ze = _encoder(k_enc, v_enc)
     y = torch.empty_like(v)
     den = torch.empty(B, H, N, device=q.device, dtype=torch.float32) if store_den else y
     S_out = torch.empty(B, H, D, DV, device=q.device, dtype=torch.float32) if store_state else y
     Z_out = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if store_state else y
-    mode = cfg.get("feat", "reshape")
-    if N > 0 and mode != "reshape":
+    mode = cfg.get("feat", "packed")
+    if N > 0:
+        tok, P = _split(N, C, B * H * nv, cfg.get("waves", 0), q.device)
+        S_init, Z_init = _prefix_states(k, v, Se, Ze, tok, P)
         R1, R2 = _rows(mode)
-        _fwd_g_kernel[(B * H, nv)](q, k, v, Se, Ze, y, den, S_out, Z_out, *_tables(mode, q.device), N, DV, F ** -0.25, eps,
-                                   F=F, C=_chunk(cfg), BV=BV, PREC=_prec(q.dtype), STORE_DEN=store_den,
-                                   STORE_STATE=store_state, R1=R1, R2=R2,
-                                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    elif N > 0:
-        _fwd_kernel[(B * H, nv)](q, k, v, Se, Ze, y, den, S_out, Z_out, N, DV, F ** -0.25, eps, F=F, C=_chunk(cfg), BV=BV,
-                                 PREC=_prec(q.dtype), STORE_DEN=store_den, STORE_STATE=store_state,
-                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _fwd_g_kernel[(B * H, nv, P)](q, k, v, S_init, Z_init, y, den, S_out, Z_out, *_tables(mode, q.device), N, DV, tok,
+                                      F ** -0.25, eps, F=F, C=C, BV=BV, PREC=_prec(q.dtype), STORE_DEN=store_den,
+                                      STORE_STATE=store_state, R1=R1, R2=R2,
+                                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     elif store_state:
         S_out.copy_(Se.view(B, H, D, DV)), Z_out.copy_(Ze.view(B, H, D))
     return y, den, Se, Ze, S_out, Z_out
@@ -695,8 +692,26 @@ class PLATriton(torch.autograd.Function):
         dZ = torch.empty(BH, D, device=q.device, dtype=torch.float32)
         scale = F ** -0.25
         if N > 0:
-            _bwd_dq_kernel[(BH, nv)](q, k, v, dy, den, dden, Se, Ze, dq, N, DV, scale, **kw)
-            _bwd_dkv_kernel[(BH, nv)](q, k, v, dy, den, dden, dk, dv, dS, dZ, N, DV, scale, **kw)
+            tok, P = _split(N, C, BH * nv, cfg.get("waves", 0), q.device)
+            S_init, Z_init = _prefix_states(k, v, Se, Ze, tok, P)
+            _bwd_dq_kernel[(BH, nv, P)](q, k, v, dy, den, dden, S_init, Z_init, dq, N, DV, tok, scale, **kw)
+            del S_init, Z_init
+            if P > 1:
+                # state gradient from all later splits: reverse exclusive sum of per-split sums of
+                # phi(q) dnum^T and phi(q) dden, converted to the internal layout (quadratic rows * sqrt2)
+                dnum = (dy.float() / den[..., None]).to(q.dtype)
+                PS, PZ = _reduce(q, dnum, dden, tok, P - 1, 1, DV)
+                dS_init = torch.zeros(P, BH, D, DV, device=q.device, dtype=torch.float32)
+                dZ_init = torch.zeros(P, BH, D, device=q.device, dtype=torch.float32)
+                dS_init[:-1] = PS.flip(0).cumsum(0).flip(0)
+                dZ_init[:-1] = PZ.flip(0).cumsum(0).flip(0)
+                del PS, PZ, dnum
+                dS_init[:, :, 1 + F:] *= SQRT2
+                dZ_init[:, :, 1 + F:] *= SQRT2
+            else:
+                dS_init, dZ_init = dS, dZ
+            _bwd_dkv_kernel[(BH, nv, P)](q, k, v, dy, den, dden, dk, dv, dS, dZ, dS_init, dZ_init, N, DV, tok, scale,
+                                         HAS_INIT=P > 1, **kw)
         else:
             dS.zero_(), dZ.zero_()
         dke = torch.empty(nv, B, H, M, F, device=q.device, dtype=torch.float32)
