@@ -40,7 +40,10 @@ def _run(args, tmp: str, variant: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    result = train(cfg)
+    if args.profile and variant == "dispatch":
+        result = _profiled(train, cfg)
+    else:
+        result = train(cfg)
     step_time = statistics.median(result.step_times[args.warmup:])
     tokens_per_s = args.micro_batch * args.seq_length / step_time
     model_flops = flops_per_token(cfg.model_config(), args.seq_length) * tokens_per_s
@@ -52,6 +55,19 @@ def _run(args, tmp: str, variant: str) -> dict:
                 loss=result.losses[-1])
 
 
+def _profiled(train, cfg):
+    """Run `train(cfg)` under torch.profiler and print the most expensive device kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                           else [])
+    with profile(activities=activities) as prof:
+        result = train(cfg)
+    sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="jrt-360m")
@@ -60,6 +76,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--recompute", default="null", choices=["null", "full"])
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top device kernels of the dispatcher run (torch.profiler)")
     args = parser.parse_args()
 
     from megatron_jrt.distributed import destroy_distributed

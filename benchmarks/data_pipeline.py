@@ -1,6 +1,6 @@
 """Data pipeline throughput on the bundled corpus, against what training consumes.
 
-    python benchmarks/data_prep.py [--seq-length 2048 --micro-batch 8 --seconds 10]
+    python benchmarks/data_pipeline.py [--seq-length 2048 --micro-batch 8 --seconds 10]
 
 Prints: tokenizer training time; tokenisation + sharding throughput (tokens/s, and per core)
 with 1 and 2 worker processes; reader throughput (sequences/s, steady state) with 0 and 2
