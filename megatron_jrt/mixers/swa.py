@@ -23,19 +23,21 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
     b, h, n, d = q.shape
     blocks = -(-n // window)
     padded = blocks * window
-    # Queries padded at the end; keys/values also get one block of padding at the front so
-    # that block i can look at "block i-1" uniformly.
-    q_blocks = F.pad(q, (0, 0, 0, padded - n)).view(b, h, blocks, window, d)
+    # Blocks become extra heads: SDPA's fused (memory-efficient) kernels take 4-D inputs only.
+    q_blocks = F.pad(q, (0, 0, 0, padded - n)).reshape(b, h * blocks, window, d)
 
     def two_block_windows(t: Tensor) -> Tensor:
+        # Keys/values get one block of padding at the front, so block i sees "block i-1".
         t = F.pad(t, (0, 0, window, padded - n))
-        return t.unfold(2, 2 * window, window).transpose(-1, -2)  # [b, h, blocks, 2w, d]
+        return t.unfold(2, 2 * window, window).transpose(-1, -2).reshape(
+            b, h * blocks, 2 * window, d)
 
     # Query a of a block may see key c of [previous block, own block] iff a <= c <= a + window.
     a = torch.arange(window, device=q.device).view(window, 1)
     c = torch.arange(2 * window, device=q.device).view(1, 2 * window)
     allowed = ((c >= a) & (c <= a + window)).expand(blocks, window, 2 * window).clone()
     allowed[0, :, :window] = False  # block 0 has no previous block
+    allowed = allowed.expand(h, blocks, window, 2 * window).reshape(h * blocks, window, 2 * window)
     out = F.scaled_dot_product_attention(q_blocks, two_block_windows(k), two_block_windows(v),
                                          attn_mask=allowed)
     return out.reshape(b, h, padded, d)[:, :, :n]
