@@ -196,7 +196,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     losses_file = run_dir / "losses.jsonl" if _is_logging_rank() else None
     shutdown = ShutdownSignal().install()
-    consecutive_nonfinite, interval_start = 0, time.perf_counter()
+    consecutive_nonfinite, interval_start, steps_in_interval = 0, time.perf_counter(), 0
     done = saved = start_step
     for step in range(start_step, cfg.training.train_steps):
         step_start = time.perf_counter()
@@ -216,12 +216,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                     f"step {step + 1}: {consecutive_nonfinite} consecutive steps with a non-finite "
                     "loss (training.max_consecutive_nonfinite); lower optimizer.lr or check the data")
         done = step + 1
+        steps_in_interval += 1
         if losses_file is not None:
             with open(losses_file, "a") as handle:
                 handle.write(json.dumps({"step": done, **outcome.losses}) + "\n")
         if done % cfg.training.log_interval == 0 or done == cfg.training.train_steps:
             elapsed = time.perf_counter() - interval_start
-            steps_in_interval = (done - 1) % cfg.training.log_interval + 1
             logger.log_train(
                 step=done, consumed_samples=done * cfg.data.global_batch_size,
                 consumed_tokens=done * tokens_per_step, losses=outcome.losses,
@@ -230,7 +230,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 skipped_steps=result.skipped_steps, nonfinite_steps=result.nonfinite_steps,
                 max_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                 else None)
-            interval_start = time.perf_counter()
+            interval_start, steps_in_interval = time.perf_counter(), 0
         if cfg.training.eval_steps and (done % cfg.training.eval_interval == 0
                                         or done == cfg.training.train_steps):
             evaluate(done)
