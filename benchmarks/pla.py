@@ -7,13 +7,12 @@ over a measured device-to-device copy bandwidth), and the decode step vs its bou
 (reading and writing the fp32 state once).
 
     python benchmarks/pla.py                 # full table
-    python benchmarks/pla.py --tune red,fwd,bwd   # sweep launch configs (incl. sequence splits) first
+    python benchmarks/pla.py --tune red,fwd,dq,dkv,enc   # sweep launch configs (incl. sequence splits) first
     python benchmarks/pla.py --lengths 2048,8192 --json out.json
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 
@@ -52,53 +51,46 @@ def fwdbwd_bytes(N, M, dv):
 
 
 def fwd_flops(N, M, dv, C=64):
-    D = 1 + F + F * F
+    """Useful forward work on the packed state (161 rows: 1 + 16 + 136 pairs + 8 padding): readout and
+    update per token, the causal chunk, the encoder update."""
+    D = T.D_PACKED
     return 2 * B * H * (N * (2 * D * dv + C * F + C * dv) + M * D * dv)
 
 
 # ----------------------------------------------------------------------------- tuning
-# (quadratic features, chunk, dv block, warps, stages, waves); waves = sequence splits aiming at
-# waves x SM-count programs (0 = one split: the sequential scan of the first version)
-FWD_CANDIDATES = [("packed", 32, 64, 4, 1, 0), ("packed", 32, 64, 4, 1, 2), ("packed", 32, 64, 4, 1, 4),
-                  ("packed", 32, 64, 4, 1, 8), ("packed", 32, 64, 4, 1, 16), ("packed", 32, 64, 4, 1, 32),
-                  ("packed", 64, 64, 4, 1, 8), ("packed", 64, 64, 8, 1, 8), ("packed", 32, 32, 4, 1, 8),
-                  ("packed", 64, 64, 4, 1, 16)]
-# BV = 64 / 8-warp / BV = 16 backward configs hit an illegal memory access on H100 / triton 3.6 (unresolved)
-BWD_CANDIDATES = [("reshape", 64, 32, 4, 1, 0), ("reshape", 64, 32, 4, 1, 2), ("reshape", 64, 32, 4, 1, 4),
-                  ("reshape", 64, 32, 4, 1, 8), ("reshape", 64, 32, 4, 1, 16), ("reshape", 32, 32, 4, 1, 8),
-                  ("reshape", 32, 32, 4, 1, 16)]
-# prefix / split reduction kernel (feeds the scans)
-RED_CANDIDATES = [("packed", 32, 64, 4, 1, 0), ("packed", 64, 64, 4, 1, 0), ("packed", 64, 64, 8, 1, 0),
-                  ("packed", 128, 64, 8, 1, 0), ("packed", 32, 32, 4, 1, 0), ("unpacked", 64, 64, 8, 1, 0)]
+# (chunk, dv block, warps, stages, waves); waves = sequence splits aiming at waves x SM-count programs
+# (0 = one split per sequence). One list per kernel kind; the backward kinds are timed as forward+backward.
+CANDIDATES = {
+    "red": [(64, 64, 4, 1, 0), (128, 64, 8, 1, 0), (32, 64, 4, 1, 0)],
+    "fwd": [(64, 64, 4, 1, 1), (32, 64, 4, 1, 1), (64, 64, 4, 2, 1), (64, 64, 8, 1, 1), (64, 64, 4, 1, 2)],
+    "dq": [(32, 64, 4, 1, 0), (32, 64, 4, 2, 0), (64, 64, 4, 1, 0), (16, 64, 4, 1, 0)],
+    "dkv": [(32, 64, 4, 1, 1), (32, 64, 4, 2, 1), (64, 64, 4, 1, 1), (16, 64, 4, 1, 1), (32, 64, 4, 1, 2)],
+    "enc": [(32, 64, 4, 1, 0), (64, 64, 4, 1, 0), (16, 64, 4, 1, 0)],
+}
 
 
-def tune(dv, N=4096, log=print, kinds=("fwd", "bwd")):
+def tune(dv, N=4096, log=print, kinds=("fwd", "dkv")):
     M = N // 2
     best = {}
     x = inputs(N, M, dv)
-    for kind, cands in (("red", RED_CANDIDATES), ("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
-        if kind not in kinds:
-            continue
+    for kind in kinds:
         res = []
-        for feat, C, BV, nw, ns, waves in cands:
-            T._CFG[(kind, dv)] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, feat=feat, waves=waves)
+        for C, BV, nw, ns, waves in CANDIDATES[kind]:
+            T._CFG[(kind, dv)] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, waves=waves)
             try:
                 if kind == "red":
-                    t = ms(lambda: T._encoder(x[1], x[2]), rep=50)
+                    t = ms(lambda: T._encoder(x[3], x[4]), rep=50)
                 elif kind == "fwd":
                     t = ms(lambda: T._forward(*x, 1e-12, False, True), rep=50)
                 else:
-                    xg = [t_.clone().requires_grad_() for t_ in x]
-                    y = T.pla_triton(*xg)
-                    dy = torch.randn_like(y)
-                    t = ms(lambda: torch.autograd.grad(y, xg, dy, retain_graph=True), rep=100)
+                    t = ms(fwdbwd(T.pla_triton, x), rep=100)
             except Exception as e:  # out of resources etc.
-                log(f"  tune {kind} dv{dv} N{N} {feat} C{C} BV{BV} w{nw} s{ns} waves{waves}: failed {type(e).__name__}: {str(e)[:120]}")
+                log(f"  tune {kind} dv{dv} N{N} C{C} BV{BV} w{nw} s{ns} waves{waves}: failed {type(e).__name__}: {str(e)[:120]}")
                 continue
-            log(f"  tune {kind} dv{dv} N{N} {feat} C{C} BV{BV} w{nw} s{ns} waves{waves}: {t:.3f} ms")
-            res.append((t, (feat, C, BV, nw, ns, waves)))
-        t, (feat, C, BV, nw, ns, waves) = min(res)
-        best[kind] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, feat=feat, waves=waves)
+            log(f"  tune {kind} dv{dv} N{N} C{C} BV{BV} w{nw} s{ns} waves{waves}: {t:.3f} ms")
+            res.append((t, (C, BV, nw, ns, waves)))
+        t, (C, BV, nw, ns, waves) = min(res)
+        best[kind] = dict(C=C, BV=BV, num_warps=nw, num_stages=ns, waves=waves)
         T._CFG[(kind, dv)] = best[kind]
         log(f"best {kind} dv{dv} N{N}: {best[kind]} {t:.3f} ms")
     del x
@@ -165,7 +157,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="2048,4096,8192,16384,32768")
     ap.add_argument("--bwd-lengths", default="2048,4096,8192,16384")
-    ap.add_argument("--tune", default="", help="comma list of kinds to tune first: red,fwd,bwd")
+    ap.add_argument("--tune", default="", help="comma list of kinds to tune first: red,fwd,dq,dkv,enc")
     ap.add_argument("--tune-n", type=int, default=8192, help="sequence length for tuning")
     ap.add_argument("--tune-dv", default="64,112")
     ap.add_argument("--no-table", action="store_true")
@@ -224,7 +216,7 @@ def main():
         for name, waves in (("split", None), ("nosplit", 0)):
             saved = {k_: dict(v_) for k_, v_ in T._CFG.items()}
             if waves is not None:
-                for kind in ("fwd", "bwd"):
+                for kind in ("fwd", "dkv"):
                     T._CFG[(kind, dv)] = dict(T._cfg(dv, kind), waves=waves)
             with torch.no_grad():
                 r[f"prefill_{name}"] = ms(lambda: T.pla_prefill_triton(*x))

@@ -143,6 +143,9 @@ for shape in [(1, 2, 37, 21, 40), (2, 1, 16, 30, 16)]:
 T._FORCE_SPLIT_TOK = 16  # sequence-split paths: 37 tokens -> 3 splits of one chunk, last one partial
 print(check_all(T, 1, 2, 37, 21, 40, torch.float32, "cpu", 1e-5))
 T._FORCE_SPLIT_TOK = None
+for kind, bv in (("fwd", 16), ("dq", 16), ("dkv", 32), ("enc", 16)):  # several dv blocks per kernel
+    T._CFG[(kind, 40)] = dict(C=16, BV=bv, num_warps=4, num_stages=1, waves=1)
+print(check_all(T, 1, 2, 37, 21, 40, torch.float32, "cpu", 1e-5))
 q, k, v = torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.randn(2, 3, 24)
 S, z = torch.randn(2, 3, 273, 24), torch.rand(2, 3, 273) + 10
 a, b = PLAState(S.clone(), z.clone()), PLAState(S.clone(), z.clone())

@@ -1,26 +1,31 @@
 """Fused Triton kernels for prefix linear attention (PLA), f = 16.
 
-Notation (one head): q~ = q / f^(1/4), k~ = k / f^(1/4), so phi(x) = [1, x~, vec(x~ x~^T) / sqrt2]
-and phi(q).phi(k) = 1 + s + s^2/2 with s = q~ . k~.  The state is kept in registers, fp32, in
-three parts with the 1/sqrt2 of the quadratic part left out ("internal" layout):
-    S0 = sum v        [dv]      S1 = sum k~ v^T   [f, dv]      S2 = sum (k~ (x) k~) v^T   [f*f, dv]
-so phi(q) S = S0 + q~ S1 + 0.5 (q~ (x) q~) S2. The public PLAState is the unpacked phi layout
-([1 + f + f*f] rows, quadratic rows = S2 / sqrt2). The 273 features are never written to HBM:
-the outer products are built in registers, chunk by chunk.
+Notation (one head): x~ = x / f^(1/4) (= x / 2, exact), so phi(x) = [1, x~, vec(x~ x~^T) / sqrt2] and
+phi(q).phi(k) = 1 + s + s^2/2 with s = q~ . k~.  Inside the kernels the state is *packed*: the 2nd-order
+part keeps one row per pair a <= b (136 of the 256 rows, padded to 144 = 128 + 16), with feature
+    phi2_t(x) = W_t x_a x_b,   W_t = f^(-1/2) (a < b) or f^(-1/2) / sqrt2 (a = b), 0 on padding,
+so sum_t phi2_t(q) phi2_t(k) = s^2 / 2. Packed state rows: [0] sum v, [1, 17) sum k~ v^T, [17, 161)
+sum phi2(k) v^T (and z likewise). The public PLAState is the unpacked phi layout ([1 + f + f^2] rows);
+`_to_public` converts (prefill output only).
+
+Quadratic features are built with the tensor cores, never written to HBM: x @ E_A and x @ E_B with
+one-hot selection matrices E [f, 144] give x_a and x_b exactly (one term per output), so
+phi2(x) = (x E_A) * (x E_B) * W, and its gradient g -> (g W (x E_B)) E_A^T + (g W (x E_A)) E_B^T.
+No gathers, no register reshapes; every per-chunk product is an MMA with K >= 16.
 
 Kernels (one program per (batch*head, dv block, sequence split); sequential over chunks of C tokens):
-  _enc_g_kernel     reduction of a token range into a state (S, z = sum phi(k) w): the encoder prefix
-                    (split over the prefix), and per-split sums for the sequence split
-  _fwd_g_kernel     chunked causal Taylor linear attention over one split from its initial state
-                    (S_e, z_e plus all earlier splits); stores y, the normaliser, and the final state
-  _bwd_dq_kernel    forward scan again for dq (same splits and initial states)
-  _bwd_dkv_kernel   reverse scan for dk, dv from the state gradient of all later splits; split 0
-                    stores the total state gradient dS
-  _bwd_enc_kernel   dk_enc, dv_enc from dS (parallel over the prefix)
-  _decode_kernel    one-token state update + readout, fused over heads, in place
-Sequence split: the number of splits P fills the GPU (config "waves"); P = 1 at B*H >= SM count,
-where the scans are throughput bound and a split only adds its reduction pass. Initial states of
-the splits: torch exclusive cumsum (fp32) over the per-split sums.
+  _reduce_kernel   sum of phi(k) v^T and phi(k) w over a token range: the encoder prefix (split over
+                   the prefix), per-split sums for the sequence split, and the backward's per-split
+                   state gradients (k -> q, v -> dnum, w -> dden)
+  _fwd_kernel      chunked causal Taylor linear attention over one split from its initial state;
+                   stores y, the normaliser, and (prefill) the final state
+  _bwd_dq_kernel   forward scan again for dq (state kept transposed: [dv, rows])
+  _bwd_dkv_kernel  reverse scan for dk, dv from the state gradient of all later splits; split 0 stores
+                   the total state gradient dS for the encoder
+  _bwd_enc_kernel  dk_enc, dv_enc from dS (parallel over the prefix)
+  _decode_kernel   one-token state update + readout in the public layout, fused over heads, in place
+Sequence split: P splits per sequence (config "waves": aim for waves x SM-count programs; P = 1 once
+B*H fills the GPU). Initial states of the splits: fp32 exclusive cumsum over per-split sums.
 dq and dk sum over dv blocks: each block writes an fp32 partial and torch sums them.
 """
 from __future__ import annotations
@@ -35,6 +40,8 @@ from kernels.pla.reference import PLAState
 
 F_SUPPORTED = 16
 SQRT2 = math.sqrt(2.0)
+R_MAIN, R_TAIL = 128, 16  # packed quadratic rows: 120 pairs a < b + 16 diagonal + 8 padding
+D_PACKED = 1 + F_SUPPORTED + R_MAIN + R_TAIL  # 161
 
 
 def supports(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -46,431 +53,505 @@ def supports_decode(q, v, state) -> bool:
     return q.shape[-1] == F_SUPPORTED and v.shape[-1] <= 256 and state.S.is_contiguous() and state.z.is_contiguous()
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- packed features
+def _pairs(F=F_SUPPORTED):
+    """(a, b) per packed row: the pairs a < b, then the diagonal, then padding (weight 0)."""
+    ab = [(a, b) for a in range(F) for b in range(a + 1, F)] + [(a, a) for a in range(F)]
+    return ab + [(0, 0)] * (R_MAIN + R_TAIL - len(ab))
+
+
+def _pair_weight(a, b, t, F=F_SUPPORTED):
+    if t >= F * (F + 1) // 2:
+        return 0.0
+    return (1.0 if a < b else 1.0 / SQRT2) / math.sqrt(F)
+
+
+_SEL: dict = {}
+
+
+def _selection(dtype, device):
+    """E_A, E_B [F, 144] one-hot (input dtype: exact in any MMA precision) and W [144] fp32."""
+    key = (dtype, str(device))
+    if key not in _SEL:
+        ab = _pairs()
+        ea = torch.zeros(F_SUPPORTED, len(ab))
+        eb = torch.zeros(F_SUPPORTED, len(ab))
+        for t, (a, b) in enumerate(ab):
+            ea[a, t] = 1.0
+            eb[b, t] = 1.0
+        w = torch.tensor([_pair_weight(a, b, t) for t, (a, b) in enumerate(ab)], dtype=torch.float32)
+        _SEL[key] = (ea.to(device=device, dtype=dtype), eb.to(device=device, dtype=dtype), w.to(device))
+    return _SEL[key]
+
+
+_PUBLIC: dict = {}
+
+
+def _to_public(S: torch.Tensor, z: torch.Tensor) -> PLAState:
+    """Packed [.., 161, dv] / [.., 161] -> the public unpacked layout [.., 273, dv] / [.., 273]."""
+    key = str(S.device)
+    if key not in _PUBLIC:
+        F = F_SUPPORTED
+        index = {pair: t for t, pair in enumerate(_pairs()) if _pair_weight(*pair, t) != 0}
+        rows, scale = list(range(1 + F)), [1.0] * (1 + F)
+        for a in range(F):
+            for b in range(F):
+                t = index[(min(a, b), max(a, b))]
+                rows.append(1 + F + t)
+                scale.append(1.0 / (SQRT2 * _pair_weight(min(a, b), max(a, b), t) * math.sqrt(F)))
+        _PUBLIC[key] = (torch.tensor(rows, device=S.device), torch.tensor(scale, device=S.device))
+    rows, scale = _PUBLIC[key]
+    return PLAState(S=S.index_select(-2, rows) * scale[:, None], z=z.index_select(-1, rows) * scale)
+
+
+# Packed state rows: [0] constant, [1, 17) linear, then the quadratic rows in three parts (register
+# pressure: one [C, 64] feature tile at a time): [17, 81), [81, 145), [145, 161). Each part is
+# (first row, rows, linear?) below; the selection columns of a quadratic part are first row - 17.
 @triton.jit
-def _outer(x, C: tl.constexpr, F: tl.constexpr):
-    """[C, F] -> [C, F*F] rows vec(x x^T)."""
-    return tl.reshape(x[:, :, None] * x[:, None, :], (C, F * F))
+def _selection_part(EA, EB, W, ROW: tl.constexpr, R: tl.constexpr, F: tl.constexpr):
+    """E_A, E_B [F, R] and W [R] of the quadratic state rows [ROW, ROW + R)."""
+    offs_r = ROW - 1 - F + tl.arange(0, R)
+    ptr = tl.arange(0, F)[:, None] * 144 + offs_r[None, :]
+    return tl.load(EA + ptr), tl.load(EB + ptr), tl.load(W + offs_r)
 
 
 @triton.jit
-def _quad_grad(g2, x, C: tl.constexpr, F: tl.constexpr):
-    """d/dx of 0.5 x^T G x with G = reshape(g2) symmetric: G x.  g2 [C, F*F], x [C, F]."""
-    return tl.sum(tl.reshape(g2, (C, F, F)) * x[:, None, :], axis=2)
-
-
-@triton.jit
-def _feat2(X, rows, rm, TA, TB, TW, off: tl.constexpr, R: tl.constexpr, F: tl.constexpr, TRANS: tl.constexpr):
-    """Quadratic features gathered from memory (the chunk is L1-resident), no register reshape:
-    feature t = x[a_t] x[b_t] w_t (x already the raw input; caller scales). [C, R] or [R, C]."""
-    t = off + tl.arange(0, R)
-    a = tl.load(TA + t)
-    b = tl.load(TB + t)
-    w = tl.load(TW + t)
-    if TRANS:
-        xa = tl.load(X + rows[None, :] * F + a[:, None], mask=rm[None, :], other=0.).to(tl.float32)
-        xb = tl.load(X + rows[None, :] * F + b[:, None], mask=rm[None, :], other=0.).to(tl.float32)
-        return xa * xb * w[:, None]
+def _feat(x, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """Features of one part of the state rows for the rows of x [C, F]: [C, R] fp32 (LIN: the linear rows,
+    scale x; else quadratic, from the part's selection matrices ea, eb [F, R] and weights w [R])."""
+    if LIN:
+        f = x.to(tl.float32) * scale
     else:
-        xa = tl.load(X + rows[:, None] * F + a[None, :], mask=rm[:, None], other=0.).to(tl.float32)
-        xb = tl.load(X + rows[:, None] * F + b[None, :], mask=rm[:, None], other=0.).to(tl.float32)
-        return xa * xb * w[None, :]
+        f = tl.dot(x, ea, input_precision=PREC) * tl.dot(x, eb, input_precision=PREC) * w[None, :]
+    return f
 
 
 @triton.jit
-def _load_s2(S, Z, bh, TA, TB, TW, off: tl.constexpr, R: tl.constexpr, offs_v, mv, DV, F: tl.constexpr):
-    """Packed quadratic state rows [off, off + R) from the public unpacked layout.
-    packed row t (pair a <= b, weight w) = public row (a, b) * sqrt2 * w (scale^2 folded by caller)."""
-    D: tl.constexpr = 1 + F + F * F
-    t = off + tl.arange(0, R)
-    a = tl.load(TA + t)
-    b = tl.load(TB + t)
-    w = tl.load(TW + t)
-    live = w != 0
-    pub = bh * D + 1 + F + a * F + b
-    s2 = tl.load(S + pub[:, None] * DV + offs_v[None, :], mask=live[:, None] & mv[None, :], other=0.) * (w * 1.4142135623730951)[:, None]
-    z2 = tl.load(Z + pub, mask=live, other=0.) * w * 1.4142135623730951
-    return s2, z2
+def _feat_t(xt, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """_feat transposed: x^T [F, C] -> [R, C]."""
+    if LIN:
+        f = xt.to(tl.float32) * scale
+    else:
+        f = (tl.dot(tl.trans(ea), xt, input_precision=PREC) * tl.dot(tl.trans(eb), xt, input_precision=PREC)
+             * w[:, None])
+    return f
 
 
 @triton.jit
-def _store_s2(S, Z, bh, s2, z2, TA, TB, TW, off: tl.constexpr, R: tl.constexpr, offs_v, mv, DV, F: tl.constexpr, STORE_Z):
-    """Inverse of _load_s2, writing both symmetric public rows (a, b) and (b, a)."""
-    D: tl.constexpr = 1 + F + F * F
-    t = off + tl.arange(0, R)
-    a = tl.load(TA + t)
-    b = tl.load(TB + t)
-    w = tl.load(TW + t)
-    live = w != 0
-    inv = tl.where(live, 1.0 / (w * 1.4142135623730951), 0.0)
-    for sw in tl.static_range(2):
-        if sw == 0:
-            pub = bh * D + 1 + F + a * F + b
-        else:
-            pub = bh * D + 1 + F + b * F + a
-        tl.store(S + pub[:, None] * DV + offs_v[None, :], s2 * inv[:, None], mask=live[:, None] & mv[None, :])
-        if STORE_Z:
-            tl.store(Z + pub, z2 * inv, mask=live)
+def _feat_grad(g, x, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """d/dx of sum(g * _feat(x)): g [C, R] fp32 -> [C, F] fp32."""
+    if LIN:
+        dx = g * scale
+    else:
+        gw = g * w[None, :]
+        xa = tl.dot(x, ea, input_precision=PREC)
+        xb = tl.dot(x, eb, input_precision=PREC)
+        dx = (tl.dot((gw * xb).to(x.dtype), tl.trans(ea), input_precision=PREC)
+              + tl.dot((gw * xa).to(x.dtype), tl.trans(eb), input_precision=PREC))
+    return dx
 
 
 @triton.jit
-def _load_state(S, Z, bh, offs_v, mv, DV, F: tl.constexpr):
-    D: tl.constexpr = 1 + F + F * F
-    offs_f = tl.arange(0, F)
-    offs_ff = tl.arange(0, F * F)
-    base = bh * D
-    s0 = tl.load(S + base * DV + offs_v, mask=mv, other=0.)
-    s1 = tl.load(S + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
-    s2 = tl.load(S + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.) * 1.4142135623730951
-    z0 = tl.sum(tl.load(Z + base + tl.arange(0, 1)), axis=0)
-    z1 = tl.load(Z + base + 1 + offs_f)
-    z2 = tl.load(Z + base + 1 + F + offs_ff) * 1.4142135623730951
-    return s0, s1, s2, z0, z1, z2
+def _feat_grad_t(gt, xt, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """_feat_grad transposed: g^T [R, C], x^T [F, C] -> dx^T [F, C]."""
+    if LIN:
+        dxt = gt * scale
+    else:
+        gw = gt * w[:, None]
+        xa = tl.dot(tl.trans(ea), xt, input_precision=PREC)
+        xb = tl.dot(tl.trans(eb), xt, input_precision=PREC)
+        dxt = (tl.dot(ea, (gw * xb).to(xt.dtype), input_precision=PREC)
+               + tl.dot(eb, (gw * xa).to(xt.dtype), input_precision=PREC))
+    return dxt
 
 
-# ----------------------------------------------------------------------------- forward, gathered features
+# ----------------------------------------------------------------------------- state parts
 @triton.jit
-def _enc_g_kernel(KE, VE, W, PS, PZ, TA, TB, TW, M, DV, TOK_PER_SPLIT, SP0, scale,
-                  F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                  R1: tl.constexpr, R2: tl.constexpr, HAS_W: tl.constexpr):
-    """Reduction of tokens [(sp + SP0) * TOK, ...) of (KE, VE) into a state, public layout, written to
-    split slot sp: S = sum phi(k) v^T, z = sum phi(k) w (w = 1 without W). Quadratic features gathered
-    (R1 + R2 rows; packed when R1 = 128)."""
+def _load_part(S, Z, slot, ROW: tl.constexpr, R: tl.constexpr, offs_v, mv, DV):
+    """Rows [ROW, ROW + R) of a packed state slot: S [R, BV], z [R]."""
+    rows = slot * 161 + ROW + tl.arange(0, R)
+    return tl.load(S + rows[:, None] * DV + offs_v[None, :], mask=mv[None, :], other=0.), tl.load(Z + rows)
+
+
+@triton.jit
+def _store_part(S, Z, slot, ROW: tl.constexpr, R: tl.constexpr, s, z, offs_v, mv, DV, STORE_Z):
+    rows = slot * 161 + ROW + tl.arange(0, R)
+    tl.store(S + rows[:, None] * DV + offs_v[None, :], s, mask=mv[None, :])
+    if STORE_Z:
+        tl.store(Z + rows, z)
+
+
+@triton.jit
+def _update_part(xt, y, s, z, wts, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """s += phi(x)^T y and z += phi(x)^T wts over a chunk (x^T [F, C], y [C, BV], wts [C]), rows of the part."""
+    f = _feat_t(xt, ea, eb, w, scale, LIN, PREC)
+    return s + tl.dot(f.to(y.dtype), y, input_precision=PREC), z + tl.sum(f * wts[None, :], axis=1)
+
+
+@triton.jit
+def _readout_part(x, s, z, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """phi(x) s [C, BV] and phi(x) . z [C] for the rows of x [C, F], rows of the part."""
+    f = _feat(x, ea, eb, w, scale, LIN, PREC)
+    return tl.dot(f.to(x.dtype), s.to(x.dtype), input_precision=PREC), tl.sum(f * z[None, :], axis=1)
+
+
+@triton.jit
+def _scan_part(q, kt, v, wts, num, den, s, z, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of the forward scan for the rows of the part: (num, den) += readout of phi(q) from the state
+    before the chunk; then the state update."""
+    n_, d_ = _readout_part(q, s, z, ea, eb, w, scale, LIN, PREC)
+    s, z = _update_part(kt, v, s, z, wts, ea, eb, w, scale, LIN, PREC)
+    return num + n_, den + d_, s, z
+
+
+@triton.jit
+def _readout_grad_part(x, dnum, dden, s, z, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """d/dx of sum(dnum * phi(x) s) + sum(dden * phi(x) . z): [C, F]."""
+    g = tl.dot(dnum, tl.trans(s.to(dnum.dtype)), input_precision=PREC) + dden[:, None] * z[None, :]
+    return _feat_grad(g, x, ea, eb, w, scale, LIN, PREC)
+
+
+@triton.jit
+def _state_grad_part(k, kt, vt, d, e, first, ea, eb, w, scale, LIN: tl.constexpr, PREC: tl.constexpr):
+    """From the gradient of the state rows of the part (d [R, BV], e [R]) to the chunk's keys and values:
+    dv = phi(k) d [C, BV] and dk^T = (d/dk [phi(k) . (d v + e)])^T [F, C] (e counted by the first dv block)."""
+    f = _feat(k, ea, eb, w, scale, LIN, PREC)
+    dv = tl.dot(f.to(k.dtype), d.to(k.dtype), input_precision=PREC)
+    gt = tl.dot(d.to(k.dtype), vt, input_precision=PREC) + first * e[:, None]
+    return dv, _feat_grad_t(gt, kt, ea, eb, w, scale, LIN, PREC)
+
+
+@triton.jit
+def _load_rows(X, bh, rows, rm, N, WIDTH, offs, mo, TRANS: tl.constexpr):
+    """Tile of X [BH, N, WIDTH] at token rows (masked rows and columns read 0): [C, W] or, TRANS, [W, C]."""
+    base = X + bh * N * WIDTH
+    if TRANS:
+        tile = tl.load(base + rows[None, :] * WIDTH + offs[:, None], mask=rm[None, :] & mo[:, None], other=0.)
+    else:
+        tile = tl.load(base + rows[:, None] * WIDTH + offs[None, :], mask=rm[:, None] & mo[None, :], other=0.)
+    return tile
+
+
+# ----------------------------------------------------------------------------- reduction
+@triton.jit
+def _reduce_kernel(K, V, WGT, PS, PZ, EA, EB, W, M, DV, TOK_PER_SPLIT, SP0, scale,
+                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, HAS_W: tl.constexpr):
+    """Packed state of tokens [(sp + SP0) * TOK, ...) of (K, V) into slot sp * BH + bh:
+    S = sum phi(k) v^T, z = sum phi(k) w (w = 1 without WGT)."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
     sp = tl.program_id(2)
     BH = tl.num_programs(0)
-    D: tl.constexpr = 1 + F + F * F
-    DT = KE.dtype.element_ty
-    sc2 = scale * scale
     offs_c = tl.arange(0, C)
     offs_f = tl.arange(0, F)
+    all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    s0 = tl.zeros([BV], tl.float32)
-    s1 = tl.zeros([F, BV], tl.float32)
-    s2a = tl.zeros([R1, BV], tl.float32)
-    s2b = tl.zeros([16, BV], tl.float32)  # used only when R2 = 16
-    z0 = tl.zeros([C], tl.float32)
-    z1 = tl.zeros([F], tl.float32)
-    z2a = tl.zeros([R1], tl.float32)
-    z2b = tl.zeros([16], tl.float32)
+    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
+    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
+    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
+    s0 = tl.zeros([1, BV], tl.float32)
+    z0 = tl.zeros([1], tl.float32)
+    sl = tl.zeros([F, BV], tl.float32)
+    zl = tl.zeros([F], tl.float32)
+    sa = tl.zeros([64, BV], tl.float32)
+    za = tl.zeros([64], tl.float32)
+    sc = tl.zeros([64, BV], tl.float32)
+    zc = tl.zeros([64], tl.float32)
+    sb = tl.zeros([16, BV], tl.float32)
+    zb = tl.zeros([16], tl.float32)
     start = (sp + SP0) * TOK_PER_SPLIT
     end = tl.minimum(start + TOK_PER_SPLIT, M)
-    X = KE + bh * M * F
     for c0 in range(start, end, C):
         rows = c0 + offs_c
         rm = rows < end
-        k = tl.load(X + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        v = tl.load(VE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
+        kt = _load_rows(K, bh, rows, rm, M, F, offs_f, all_f, True)
+        v = _load_rows(V, bh, rows, rm, M, DV, offs_v, mv, False)
         if HAS_W:
-            w = tl.load(W + bh * M + rows, mask=rm, other=0.)
+            w = tl.load(WGT + bh * M + rows, mask=rm, other=0.)
         else:
             w = rm.to(tl.float32)
-        k2t = _feat2(X, rows, rm, TA, TB, TW, 0, R1, F, True) * sc2
-        s2a += tl.dot(k2t.to(DT), v, input_precision=PREC)
-        z2a += tl.sum(k2t * w[None, :], axis=1)
-        if R2 > 0:
-            k2t_b = _feat2(X, rows, rm, TA, TB, TW, R1, R2, F, True) * sc2
-            s2b += tl.dot(k2t_b.to(DT), v, input_precision=PREC)
-            z2b += tl.sum(k2t_b * w[None, :], axis=1)
-        s1 += tl.dot(tl.trans(k.to(DT)), v, input_precision=PREC)
-        s0 += tl.sum(v.to(tl.float32), axis=0)
-        z1 += tl.sum(k * w[:, None], axis=0)
-        z0 += w
-    so = sp * BH + bh
-    base = so * D
-    tl.store(PS + base * DV + offs_v, s0, mask=mv)
-    tl.store(PS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
-    _store_s2(PS, PZ, so, s2a, z2a, TA, TB, TW, 0, R1, offs_v, mv, DV, F, pv == 0)
-    if R2 > 0:
-        _store_s2(PS, PZ, so, s2b, z2b, TA, TB, TW, R1, R2, offs_v, mv, DV, F, pv == 0)
-    if pv == 0:
-        tl.store(PZ + base + tl.arange(0, 1), tl.sum(z0, axis=0) + tl.zeros([1], tl.float32))
-        tl.store(PZ + base + 1 + offs_f, z1)
+        s0 += tl.sum(v.to(tl.float32), axis=0)[None, :]
+        z0 += tl.sum(w, axis=0)
+        sl, zl = _update_part(kt, v, sl, zl, w, eaB, ebB, wB, scale, True, PREC)
+        sa, za = _update_part(kt, v, sa, za, w, eaA, ebA, wA, scale, False, PREC)
+        sc, zc = _update_part(kt, v, sc, zc, w, eaC, ebC, wC, scale, False, PREC)
+        sb, zb = _update_part(kt, v, sb, zb, w, eaB, ebB, wB, scale, False, PREC)
+    slot = sp * BH + bh
+    first = pv == 0
+    _store_part(PS, PZ, slot, 0, 1, s0, z0, offs_v, mv, DV, first)
+    _store_part(PS, PZ, slot, 1, F, sl, zl, offs_v, mv, DV, first)
+    _store_part(PS, PZ, slot, 17, 64, sa, za, offs_v, mv, DV, first)
+    _store_part(PS, PZ, slot, 81, 64, sc, zc, offs_v, mv, DV, first)
+    _store_part(PS, PZ, slot, 145, 16, sb, zb, offs_v, mv, DV, first)
 
 
+# ----------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_g_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, TA, TB, TW, N, DV, TOK, scale, eps,
-                  F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-                  STORE_DEN: tl.constexpr, STORE_STATE: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr):
+def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, EA, EB, W, N, DV, TOK, scale, eps,
+                F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                STORE_DEN: tl.constexpr, STORE_STATE: tl.constexpr):
     """Chunked causal forward over split sp = tokens [sp * TOK, (sp + 1) * TOK) from that split's initial
-    state (S_INIT slot sp * BH + bh, public layout). Quadratic features gathered (R1 + R2 rows; packed
-    when R1 = 128). The last split stores the final state (prefill)."""
+    state (slot sp * BH + bh). The last split stores the final state (prefill)."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
     sp = tl.program_id(2)
     BH = tl.num_programs(0)
-    last = sp == tl.num_programs(2) - 1
     start = sp * TOK
     end = tl.minimum(start + TOK, N)
-    D: tl.constexpr = 1 + F + F * F
     DT = Q.dtype.element_ty
     sc2 = scale * scale
     offs_c = tl.arange(0, C)
     offs_f = tl.arange(0, F)
+    all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    so = sp * BH + bh
-    base = so * D
-    s0 = tl.load(S_INIT + base * DV + offs_v, mask=mv, other=0.)
-    s1 = tl.load(S_INIT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
-    z0 = tl.sum(tl.load(Z_INIT + base + tl.arange(0, 1)), axis=0)
-    z1 = tl.load(Z_INIT + base + 1 + offs_f)
-    s2a, z2a = _load_s2(S_INIT, Z_INIT, so, TA, TB, TW, 0, R1, offs_v, mv, DV, F)
-    if R2 > 0:
-        s2b, z2b = _load_s2(S_INIT, Z_INIT, so, TA, TB, TW, R1, R2, offs_v, mv, DV, F)
-    else:
-        s2b = tl.zeros([16, BV], tl.float32)
-        z2b = tl.zeros([16], tl.float32)
-    causal = offs_c[:, None] >= offs_c[None, :]
-    XQ = Q + bh * N * F
-    XK = K + bh * N * F
+    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
+    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
+    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
+    slot = sp * BH + bh
+    s0, z0 = _load_part(S_INIT, Z_INIT, slot, 0, 1, offs_v, mv, DV)
+    sl, zl = _load_part(S_INIT, Z_INIT, slot, 1, F, offs_v, mv, DV)
+    sa, za = _load_part(S_INIT, Z_INIT, slot, 17, 64, offs_v, mv, DV)
+    sc, zc = _load_part(S_INIT, Z_INIT, slot, 81, 64, offs_v, mv, DV)
+    sb, zb = _load_part(S_INIT, Z_INIT, slot, 145, 16, offs_v, mv, DV)
     for c0 in range(start, end, C):
         rows = c0 + offs_c
         rm = rows < end
-        q = tl.load(XQ + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        k = tl.load(XK + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
-        qd = q.to(DT)
-        kd = k.to(DT)
-        q2 = _feat2(XQ, rows, rm, TA, TB, TW, 0, R1, F, False) * sc2
-        num = s0[None, :] + tl.dot(qd, s1.to(DT), input_precision=PREC) \
-            + 0.5 * tl.dot(q2.to(DT), s2a.to(DT), input_precision=PREC)
-        den = z0 + tl.sum(q * z1[None, :], axis=1) + 0.5 * tl.sum(q2 * z2a[None, :], axis=1)
-        if R2 > 0:
-            q2b = _feat2(XQ, rows, rm, TA, TB, TW, R1, R2, F, False) * sc2
-            num += 0.5 * tl.dot(q2b.to(DT), s2b.to(DT), input_precision=PREC)
-            den += 0.5 * tl.sum(q2b * z2b[None, :], axis=1)
-        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)
-        a = tl.where(causal & rm[None, :], 1.0 + s + 0.5 * s * s, 0.0)
-        num += tl.dot(a.to(DT), v, input_precision=PREC)
-        den += tl.sum(a, axis=1)
-        den = den + eps
+        q = _load_rows(Q, bh, rows, rm, N, F, offs_f, all_f, False)
+        kt = _load_rows(K, bh, rows, rm, N, F, offs_f, all_f, True)
+        v = _load_rows(V, bh, rows, rm, N, DV, offs_v, mv, False)
+        # within the chunk: phi(q).phi(k) = 1 + s + s^2/2, causal
+        s = tl.dot(q, kt, input_precision=PREC) * sc2
+        a = tl.where((offs_c[:, None] >= offs_c[None, :]) & rm[None, :], 1.0 + s + 0.5 * s * s, 0.0)
+        num = tl.dot(a.to(DT), v, input_precision=PREC) + s0
+        den = tl.sum(a, axis=1) + z0 + eps
+        # from the state before the chunk, then add the chunk to it; part by part
+        w = rm.to(tl.float32)
+        s0 += tl.sum(v.to(tl.float32), axis=0)[None, :]
+        z0 += tl.sum(w, axis=0)
+        num, den, sl, zl = _scan_part(q, kt, v, w, num, den, sl, zl, eaB, ebB, wB, scale, True, PREC)
+        num, den, sa, za = _scan_part(q, kt, v, w, num, den, sa, za, eaA, ebA, wA, scale, False, PREC)
+        num, den, sc, zc = _scan_part(q, kt, v, w, num, den, sc, zc, eaC, ebC, wC, scale, False, PREC)
+        num, den, sb, zb = _scan_part(q, kt, v, w, num, den, sb, zb, eaB, ebB, wB, scale, False, PREC)
         y = num / den[:, None]
         tl.store(Y + bh * N * DV + rows[:, None] * DV + offs_v[None, :], y.to(Y.dtype.element_ty), mask=rm[:, None] & mv[None, :])
         if STORE_DEN:
             if pv == 0:
                 tl.store(DEN + bh * N + rows, den, mask=rm)
-        k2t = _feat2(XK, rows, rm, TA, TB, TW, 0, R1, F, True) * sc2
-        s2a += tl.dot(k2t.to(DT), v, input_precision=PREC)
-        z2a += tl.sum(k2t, axis=1)
-        if R2 > 0:
-            k2t_b = _feat2(XK, rows, rm, TA, TB, TW, R1, R2, F, True) * sc2
-            s2b += tl.dot(k2t_b.to(DT), v, input_precision=PREC)
-            z2b += tl.sum(k2t_b, axis=1)
-        s1 += tl.dot(tl.trans(kd), v, input_precision=PREC)
-        s0 += tl.sum(v.to(tl.float32), axis=0)
-        z1 += tl.sum(k, axis=0)
-        z0 += tl.sum(rm.to(tl.float32), axis=0)
     if STORE_STATE:
-        if last:
-            base = bh * D
-            tl.store(S_OUT + base * DV + offs_v, s0, mask=mv)
-            tl.store(S_OUT + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], s1, mask=mv[None, :])
-            _store_s2(S_OUT, Z_OUT, bh, s2a, z2a, TA, TB, TW, 0, R1, offs_v, mv, DV, F, pv == 0)
-            if R2 > 0:
-                _store_s2(S_OUT, Z_OUT, bh, s2b, z2b, TA, TB, TW, R1, R2, offs_v, mv, DV, F, pv == 0)
-            if pv == 0:
-                tl.store(Z_OUT + base + tl.arange(0, 1), z0 + tl.zeros([1], tl.float32))
-                tl.store(Z_OUT + base + 1 + offs_f, z1)
-
-
-_TABLES: dict = {}
-
-
-def _tables(mode, device):
-    """Index tables (a, b, w) for the quadratic features. mode "unpacked": 256 rows (a, b) = (t//16, t%16);
-    mode "packed": 120 pairs a < b with weight sqrt2, then the 16 diagonal rows, padded to 128 + 16."""
-    key = (mode, str(device))
-    if key not in _TABLES:
-        F = F_SUPPORTED
-        if mode == "unpacked":
-            ab = [(a, b, 1.0) for a in range(F) for b in range(F)]
-        else:
-            ab = [(a, b, SQRT2) for a in range(F) for b in range(a + 1, F)] + [(a, a, 1.0) for a in range(F)]
-            ab += [(0, 0, 0.0)] * (144 - len(ab))
-        _TABLES[key] = (torch.tensor([x[0] for x in ab], dtype=torch.int32, device=device),
-                        torch.tensor([x[1] for x in ab], dtype=torch.int32, device=device),
-                        torch.tensor([x[2] for x in ab], dtype=torch.float32, device=device))
-    return _TABLES[key]
-
-
-def _rows(mode):
-    return (256, 0) if mode == "unpacked" else (128, 16)
+        if sp == tl.num_programs(2) - 1:
+            first = pv == 0
+            _store_part(S_OUT, Z_OUT, bh, 0, 1, s0, z0, offs_v, mv, DV, first)
+            _store_part(S_OUT, Z_OUT, bh, 1, F, sl, zl, offs_v, mv, DV, first)
+            _store_part(S_OUT, Z_OUT, bh, 17, 64, sa, za, offs_v, mv, DV, first)
+            _store_part(S_OUT, Z_OUT, bh, 81, 64, sc, zc, offs_v, mv, DV, first)
+            _store_part(S_OUT, Z_OUT, bh, 145, 16, sb, zb, offs_v, mv, DV, first)
 
 
 # ----------------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, N, DV, TOK, scale,
-                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Forward scan over split sp (tokens [sp * TOK, (sp + 1) * TOK)) from its initial state (S_INIT slot
-    sp * BH + bh, public layout) for dq."""
-    bh = tl.program_id(0)
-    pv = tl.program_id(1)
-    sp = tl.program_id(2)
-    BH = tl.num_programs(0)
-    start = sp * TOK
-    end = tl.minimum(start + TOK, N)
-    DT = Q.dtype.element_ty
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
-    first = (pv == 0).to(tl.float32)  # the normaliser's terms are added by one dv block only
-    s0, s1, s2, z0, z1, z2 = _load_state(S_INIT, Z_INIT, sp * BH + bh, offs_v, mv, DV, F)
-    causal = offs_c[:, None] >= offs_c[None, :]
-    for c0 in range(start, end, C):
-        rows = c0 + offs_c
-        rm = rows < end
-        q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
-        do = tl.load(DO + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.).to(tl.float32)
-        den = tl.load(DEN + bh * N + rows, mask=rm, other=1.)
-        dden = tl.load(DDEN + bh * N + rows, mask=rm, other=0.) * first
-        dnum = (do / den[:, None]).to(DT)
-        qd = q.to(DT)
-        kd = k.to(DT)
-        # inter: d/dq~ [phi(q) (S dnum + z dden)]
-        dq = tl.dot(dnum, tl.trans(s1.to(DT)), input_precision=PREC) + dden[:, None] * z1[None, :]
-        g2 = tl.dot(dnum, tl.trans(s2.to(DT)), input_precision=PREC) + dden[:, None] * z2[None, :]
-        dq += _quad_grad(g2, q, C, F)
-        # intra: dA_ij = dnum_i . v_j + dden_i ; ds = dA (1 + s)
-        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)
-        da = tl.dot(dnum, tl.trans(v), input_precision=PREC) + dden[:, None]
-        ds = tl.where(causal & rm[None, :], da * (1.0 + s), 0.0)
-        dq += tl.dot(ds.to(DT), kd, input_precision=PREC)
-        tl.store(DQ + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dq * scale, mask=rm[:, None])
-        k2 = _outer(k, C, F)
-        s2 += tl.dot(tl.trans(k2.to(DT)), v, input_precision=PREC)
-        s1 += tl.dot(tl.trans(kd), v, input_precision=PREC)
-        z2 += tl.sum(k2, axis=0)
-        z1 += tl.sum(k, axis=0)
+def _dden_kernel(DY, Y, DEN, DDEN, ROWS, DV, BR: tl.constexpr, BV: tl.constexpr):
+    """d loss / d den_i = -(dy_i . y_i) / den_i for BR rows (den includes eps)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BV)
+    rm = rows < ROWS
+    m = rm[:, None] & (cols < DV)[None, :]
+    dy = tl.load(DY + rows[:, None] * DV + cols[None, :], mask=m, other=0.).to(tl.float32)
+    y = tl.load(Y + rows[:, None] * DV + cols[None, :], mask=m, other=0.).to(tl.float32)
+    den = tl.load(DEN + rows, mask=rm, other=1.)
+    tl.store(DDEN + rows, -tl.sum(dy * y, axis=1) / den, mask=rm)
 
 
 @triton.jit
-def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, DS_INIT, DZ_INIT, N, DV, TOK, scale,
-                    F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
-    """Reverse scan over split sp (tokens [sp * TOK, (sp + 1) * TOK)) starting from the state gradient of
-    all later splits (DS_INIT / DZ_INIT slot sp * BH + bh, internal layout; zero without HAS_INIT).
-    Split 0 stores the total state gradient (DS, DZ) for the encoder backward."""
+def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, DV, TOK, scale,
+                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Forward scan over split sp from its initial state for dq."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
     sp = tl.program_id(2)
     BH = tl.num_programs(0)
     start = sp * TOK
     end = tl.minimum(start + TOK, N)
-    D: tl.constexpr = 1 + F + F * F
     DT = Q.dtype.element_ty
+    sc2 = scale * scale
     offs_c = tl.arange(0, C)
     offs_f = tl.arange(0, F)
-    offs_ff = tl.arange(0, F * F)
+    all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
+    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
+    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
+    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
+    first = (pv == 0).to(tl.float32)  # the normaliser's terms are added by one dv block only
+    slot = sp * BH + bh
+    sl, zl = _load_part(S_INIT, Z_INIT, slot, 1, F, offs_v, mv, DV)
+    sa, za = _load_part(S_INIT, Z_INIT, slot, 17, 64, offs_v, mv, DV)
+    sc, zc = _load_part(S_INIT, Z_INIT, slot, 81, 64, offs_v, mv, DV)
+    sb, zb = _load_part(S_INIT, Z_INIT, slot, 145, 16, offs_v, mv, DV)
+    for c0 in range(start, end, C):
+        rows = c0 + offs_c
+        rm = rows < end
+        q = _load_rows(Q, bh, rows, rm, N, F, offs_f, all_f, False)
+        k = _load_rows(K, bh, rows, rm, N, F, offs_f, all_f, False)
+        kt = _load_rows(K, bh, rows, rm, N, F, offs_f, all_f, True)
+        v = _load_rows(V, bh, rows, rm, N, DV, offs_v, mv, False)
+        do = _load_rows(DO, bh, rows, rm, N, DV, offs_v, mv, False).to(tl.float32)
+        den = tl.load(DEN + bh * N + rows, mask=rm, other=1.)
+        dden = tl.load(DDEN + bh * N + rows, mask=rm, other=0.) * first
+        dnum = (do / den[:, None]).to(DT)
+        # within the chunk: dA_ij = dnum_i . v_j + dden_i ; ds = dA (1 + s)
+        s = tl.dot(q, kt, input_precision=PREC) * sc2
+        da = tl.dot(dnum, tl.trans(v), input_precision=PREC) + dden[:, None]
+        ds = tl.where((offs_c[:, None] >= offs_c[None, :]) & rm[None, :], da * (1.0 + s), 0.0)
+        dq = tl.dot(ds.to(DT), k, input_precision=PREC) * sc2
+        # from the state before the chunk: d/dq [phi(q) (S dnum + z dden)]
+        dq += _readout_grad_part(q, dnum, dden, sl, zl, eaB, ebB, wB, scale, True, PREC)
+        dq += _readout_grad_part(q, dnum, dden, sa, za, eaA, ebA, wA, scale, False, PREC)
+        dq += _readout_grad_part(q, dnum, dden, sc, zc, eaC, ebC, wC, scale, False, PREC)
+        dq += _readout_grad_part(q, dnum, dden, sb, zb, eaB, ebB, wB, scale, False, PREC)
+        tl.store(DQ + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dq.to(DQ.dtype.element_ty), mask=rm[:, None])
+        w = rm.to(tl.float32)
+        sl, zl = _update_part(kt, v, sl, zl, w, eaB, ebB, wB, scale, True, PREC)
+        sa, za = _update_part(kt, v, sa, za, w, eaA, ebA, wA, scale, False, PREC)
+        sc, zc = _update_part(kt, v, sc, zc, w, eaC, ebC, wC, scale, False, PREC)
+        sb, zb = _update_part(kt, v, sb, zb, w, eaB, ebB, wB, scale, False, PREC)
+
+
+@triton.jit
+def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, DS_INIT, DZ_INIT, EA, EB, W, N, DV, TOK, scale,
+                    F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Reverse scan over split sp starting from the state gradient of all later splits (DS_INIT / DZ_INIT
+    slot sp * BH + bh, packed; zero without HAS_INIT). Split 0 stores the total state gradient (DS, DZ)
+    for the encoder backward."""
+    bh = tl.program_id(0)
+    pv = tl.program_id(1)
+    sp = tl.program_id(2)
+    BH = tl.num_programs(0)
+    start = sp * TOK
+    end = tl.minimum(start + TOK, N)
+    DT = Q.dtype.element_ty
+    sc2 = scale * scale
+    offs_c = tl.arange(0, C)
+    offs_f = tl.arange(0, F)
+    all_f = offs_f < F
+    offs_v = pv * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
+    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
+    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
     first = (pv == 0).to(tl.float32)
-    e0 = tl.zeros([C], tl.float32)  # dz, summed at the end
     if HAS_INIT:
-        bi = (sp * BH + bh) * D
-        d0 = tl.load(DS_INIT + bi * DV + offs_v, mask=mv, other=0.)
-        d1 = tl.load(DS_INIT + (bi + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
-        d2 = tl.load(DS_INIT + (bi + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
-        e0 += tl.where(offs_c == 0, tl.sum(tl.load(DZ_INIT + bi + tl.arange(0, 1)), axis=0), 0.0)
-        e1 = tl.load(DZ_INIT + bi + 1 + offs_f)
-        e2 = tl.load(DZ_INIT + bi + 1 + F + offs_ff)
+        slot = sp * BH + bh
+        d0, e0 = _load_part(DS_INIT, DZ_INIT, slot, 0, 1, offs_v, mv, DV)
+        dl, el = _load_part(DS_INIT, DZ_INIT, slot, 1, F, offs_v, mv, DV)
+        da_, ea_ = _load_part(DS_INIT, DZ_INIT, slot, 17, 64, offs_v, mv, DV)
+        dc, ec = _load_part(DS_INIT, DZ_INIT, slot, 81, 64, offs_v, mv, DV)
+        db, eb_ = _load_part(DS_INIT, DZ_INIT, slot, 145, 16, offs_v, mv, DV)
     else:
-        d0 = tl.zeros([BV], tl.float32)
-        d1 = tl.zeros([F, BV], tl.float32)
-        d2 = tl.zeros([F * F, BV], tl.float32)
-        e1 = tl.zeros([F], tl.float32)
-        e2 = tl.zeros([F * F], tl.float32)
-    causal = offs_c[:, None] >= offs_c[None, :]
+        d0, e0 = tl.zeros([1, BV], tl.float32), tl.zeros([1], tl.float32)
+        dl, el = tl.zeros([F, BV], tl.float32), tl.zeros([F], tl.float32)
+        da_, ea_ = tl.zeros([64, BV], tl.float32), tl.zeros([64], tl.float32)
+        dc, ec = tl.zeros([64, BV], tl.float32), tl.zeros([64], tl.float32)
+        db, eb_ = tl.zeros([16, BV], tl.float32), tl.zeros([16], tl.float32)
     n_chunks = tl.cdiv(end - start, C)
     for ci in range(0, n_chunks):
         c0 = start + (n_chunks - 1 - ci) * C
         rows = c0 + offs_c
         rm = rows < end
-        q = tl.load(Q + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        k = tl.load(K + bh * N * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-        v = tl.load(V + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
-        do = tl.load(DO + bh * N * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.).to(tl.float32)
+        q = _load_rows(Q, bh, rows, rm, N, F, offs_f, all_f, False)
+        qt = _load_rows(Q, bh, rows, rm, N, F, offs_f, all_f, True)
+        k = _load_rows(K, bh, rows, rm, N, F, offs_f, all_f, False)
+        kt = _load_rows(K, bh, rows, rm, N, F, offs_f, all_f, True)
+        v = _load_rows(V, bh, rows, rm, N, DV, offs_v, mv, False)
+        vt = _load_rows(V, bh, rows, rm, N, DV, offs_v, mv, True)
         den = tl.load(DEN + bh * N + rows, mask=rm, other=1.)
         dden_all = tl.load(DDEN + bh * N + rows, mask=rm, other=0.)
         dden = dden_all * first
-        dnum = (do / den[:, None]).to(DT)
-        qd = q.to(DT)
-        kd = k.to(DT)
-        k2 = _outer(k, C, F)
-        s = tl.dot(qd, tl.trans(kd), input_precision=PREC)  # [i, j]
-        valid = causal & rm[None, :] & rm[:, None]
-        a = tl.where(valid, 1.0 + s + 0.5 * s * s, 0.0)
-        # dv_j = phi(k_j) . dS(later chunks) + sum_{i >= j in chunk} A_ij dnum_i
-        dv = d0[None, :] + tl.dot(kd, d1.to(DT), input_precision=PREC) \
-            + 0.5 * tl.dot(k2.to(DT), d2.to(DT), input_precision=PREC) \
-            + tl.dot(tl.trans(a.to(DT)), dnum, input_precision=PREC)
+        dnum = (_load_rows(DO, bh, rows, rm, N, DV, offs_v, mv, False).to(tl.float32) / den[:, None]).to(DT)
+        # within the chunk ([j, i]: key j, query i >= j)
+        valid = (offs_c[:, None] <= offs_c[None, :]) & rm[:, None] & rm[None, :]
+        st = tl.dot(k, qt, input_precision=PREC) * sc2
+        at = tl.where(valid, 1.0 + st + 0.5 * st * st, 0.0)
+        dv = tl.dot(at.to(DT), dnum, input_precision=PREC) + d0
+        dat = tl.dot(v, tl.trans(dnum), input_precision=PREC) + dden[None, :]
+        dst = tl.where(valid, dat * (1.0 + st), 0.0)
+        dk = tl.dot(dst.to(DT), q, input_precision=PREC) * sc2
+        # from the gradient of the state after the chunk (all later queries), part by part
+        dv_, dkt = _state_grad_part(k, kt, vt, dl, el, first, eaB, ebB, wB, scale, True, PREC)
+        dv += dv_
+        dv_, dkt_ = _state_grad_part(k, kt, vt, da_, ea_, first, eaA, ebA, wA, scale, False, PREC)
+        dv += dv_
+        dkt += dkt_
+        dv_, dkt_ = _state_grad_part(k, kt, vt, dc, ec, first, eaC, ebC, wC, scale, False, PREC)
+        dv += dv_
+        dkt += dkt_
+        dv_, dkt_ = _state_grad_part(k, kt, vt, db, eb_, first, eaB, ebB, wB, scale, False, PREC)
+        dv += dv_
+        dkt += dkt_
         tl.store(DVO + bh * N * DV + rows[:, None] * DV + offs_v[None, :], dv.to(DVO.dtype.element_ty), mask=rm[:, None] & mv[None, :])
-        # dk~_j = d/dk~ [phi(k_j) . (dS v_j + dz)] + sum_i dA_ij (1 + s_ij) q~_i
-        vd = v.to(DT)
-        dk = tl.dot(vd, tl.trans(d1.to(DT)), input_precision=PREC) + first * e1[None, :]
-        g2 = tl.dot(vd, tl.trans(d2.to(DT)), input_precision=PREC) + first * e2[None, :]
-        dk += _quad_grad(g2, k, C, F)
-        da = tl.dot(dnum, tl.trans(vd), input_precision=PREC) + dden[:, None]
-        ds = tl.where(valid, da * (1.0 + s), 0.0)
-        dk += tl.dot(tl.trans(ds.to(DT)), qd, input_precision=PREC)
-        tl.store(DK + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dk * scale, mask=rm[:, None])
-        # dS += phi(q_i) dnum_i^T over this chunk's queries
-        q2 = _outer(q, C, F)
-        d2 += tl.dot(tl.trans(q2.to(DT)), dnum, input_precision=PREC)
-        d1 += tl.dot(tl.trans(qd), dnum, input_precision=PREC)
-        d0 += tl.sum(dnum.to(tl.float32), axis=0)
-        e2 += tl.sum(q2 * dden_all[:, None], axis=0)
-        e1 += tl.sum(q * dden_all[:, None], axis=0)
-        e0 += dden_all
-    base = bh * D
+        dk += tl.trans(dkt)
+        tl.store(DK + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dk.to(DK.dtype.element_ty), mask=rm[:, None])
+        # state gradient += phi(q_i) dnum_i^T, phi(q_i) dden_i over this chunk's queries
+        d0 += tl.sum(dnum.to(tl.float32), axis=0)[None, :]
+        e0 += tl.sum(dden_all, axis=0)
+        dl, el = _update_part(qt, dnum, dl, el, dden_all, eaB, ebB, wB, scale, True, PREC)
+        da_, ea_ = _update_part(qt, dnum, da_, ea_, dden_all, eaA, ebA, wA, scale, False, PREC)
+        dc, ec = _update_part(qt, dnum, dc, ec, dden_all, eaC, ebC, wC, scale, False, PREC)
+        db, eb_ = _update_part(qt, dnum, db, eb_, dden_all, eaB, ebB, wB, scale, False, PREC)
     if sp == 0:
-        tl.store(DS + base * DV + offs_v, d0, mask=mv)
-        tl.store(DS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], d1, mask=mv[None, :])
-        tl.store(DS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], d2, mask=mv[None, :])
-    if (pv == 0) & (sp == 0):
-        tl.store(DZ + base + tl.arange(0, 1), tl.sum(e0, axis=0) + tl.zeros([1], tl.float32))
-        tl.store(DZ + base + 1 + offs_f, e1)
-        tl.store(DZ + base + 1 + F + offs_ff, e2)
+        st0 = pv == 0
+        _store_part(DS, DZ, bh, 0, 1, d0, e0, offs_v, mv, DV, st0)
+        _store_part(DS, DZ, bh, 1, F, dl, el, offs_v, mv, DV, st0)
+        _store_part(DS, DZ, bh, 17, 64, da_, ea_, offs_v, mv, DV, st0)
+        _store_part(DS, DZ, bh, 81, 64, dc, ec, offs_v, mv, DV, st0)
+        _store_part(DS, DZ, bh, 145, 16, db, eb_, offs_v, mv, DV, st0)
 
 
 @triton.jit
-def _bwd_enc_kernel(KE, VE, DS, DZ, DKE, DVE, M, DV, scale,
+def _bwd_enc_kernel(KE, VE, DS, DZ, DKE, DVE, EA, EB, W, M, DV, TOK, scale,
                     F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Internal-layout dS (no 1/sqrt2): dv_e = d0 + k~ d1 + 0.5 (k~(x)k~) d2; dk~_e likewise."""
+    """dv_e = phi(k_e) . dS;  dk_e = d/dk_e [phi(k_e) . (dS v_e + dz)]  over the prefix tokens
+    [sp * TOK, (sp + 1) * TOK) (the state gradient is read once per program)."""
     bh = tl.program_id(0)
-    ci = tl.program_id(1)
+    sp = tl.program_id(1)
     pv = tl.program_id(2)
     BH = tl.num_programs(0)
-    D: tl.constexpr = 1 + F + F * F
-    DT = KE.dtype.element_ty
     offs_c = tl.arange(0, C)
     offs_f = tl.arange(0, F)
-    offs_ff = tl.arange(0, F * F)
+    all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
+    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
+    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
+    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
     first = (pv == 0).to(tl.float32)
-    base = bh * D
-    d0 = tl.load(DS + base * DV + offs_v, mask=mv, other=0.)
-    d1 = tl.load(DS + (base + 1 + offs_f[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
-    d2 = tl.load(DS + (base + 1 + F + offs_ff[:, None]) * DV + offs_v[None, :], mask=mv[None, :], other=0.)
-    e1 = tl.load(DZ + base + 1 + offs_f) * first
-    e2 = tl.load(DZ + base + 1 + F + offs_ff) * first
-    rows = ci * C + offs_c
-    rm = rows < M
-    k = tl.load(KE + bh * M * F + rows[:, None] * F + offs_f[None, :], mask=rm[:, None], other=0.).to(tl.float32) * scale
-    v = tl.load(VE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], mask=rm[:, None] & mv[None, :], other=0.)
-    kd = k.to(DT)
-    k2 = _outer(k, C, F)
-    dv = d0[None, :] + tl.dot(kd, d1.to(DT), input_precision=PREC) + 0.5 * tl.dot(k2.to(DT), d2.to(DT), input_precision=PREC)
-    tl.store(DVE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], dv.to(DVE.dtype.element_ty), mask=rm[:, None] & mv[None, :])
-    dk = tl.dot(v, tl.trans(d1.to(DT)), input_precision=PREC) + e1[None, :]
-    g2 = tl.dot(v, tl.trans(d2.to(DT)), input_precision=PREC) + e2[None, :]
-    dk += _quad_grad(g2, k, C, F)
-    tl.store(DKE + ((pv * BH + bh) * M + rows[:, None]) * F + offs_f[None, :], dk * scale, mask=rm[:, None])
+    d0, _ = _load_part(DS, DZ, bh, 0, 1, offs_v, mv, DV)
+    dl, el = _load_part(DS, DZ, bh, 1, F, offs_v, mv, DV)
+    da_, ea_ = _load_part(DS, DZ, bh, 17, 64, offs_v, mv, DV)
+    dc, ec = _load_part(DS, DZ, bh, 81, 64, offs_v, mv, DV)
+    db, eb_ = _load_part(DS, DZ, bh, 145, 16, offs_v, mv, DV)
+    start = sp * TOK
+    end = tl.minimum(start + TOK, M)
+    for c0 in range(start, end, C):
+        rows = c0 + offs_c
+        rm = rows < end
+        k = _load_rows(KE, bh, rows, rm, M, F, offs_f, all_f, False)
+        kt = _load_rows(KE, bh, rows, rm, M, F, offs_f, all_f, True)
+        vt = _load_rows(VE, bh, rows, rm, M, DV, offs_v, mv, True)
+        dv, dkt = _state_grad_part(k, kt, vt, dl, el, first, eaB, ebB, wB, scale, True, PREC)
+        dv += d0
+        dv_, dkt_ = _state_grad_part(k, kt, vt, da_, ea_, first, eaA, ebA, wA, scale, False, PREC)
+        dv += dv_
+        dkt += dkt_
+        dv_, dkt_ = _state_grad_part(k, kt, vt, dc, ec, first, eaC, ebC, wC, scale, False, PREC)
+        dv += dv_
+        dkt += dkt_
+        dv_, dkt_ = _state_grad_part(k, kt, vt, db, eb_, first, eaB, ebB, wB, scale, False, PREC)
+        dv += dv_
+        dkt += dkt_
+        tl.store(DVE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], dv.to(DVE.dtype.element_ty), mask=rm[:, None] & mv[None, :])
+        tl.store(DKE + ((pv * BH + bh) * M + rows[None, :]) * F + offs_f[:, None], dkt.to(DKE.dtype.element_ty), mask=rm[None, :])
 
 
 # ----------------------------------------------------------------------------- decode
@@ -519,32 +600,38 @@ def _prec(dtype):
 
 
 def _cfg(dv, kind):
-    """Launch config for kind in ("fwd", "bwd", "red"): chunk C, dv block BV, warps, stages, and for the
-    scans the sequence split ("waves": aim for waves x SM-count programs; 0 = one split).
+    """Launch config for kind in ("fwd", "dq", "dkv", "enc", "red"): chunk C, dv block BV, warps, stages,
+    optional maxnreg, and for the scans the sequence split ("waves": aim for waves x SM-count programs;
+    0 = one split; the backward's split follows "dkv").
     Tuned on an H100 with `python benchmarks/pla.py --tune`; see docs/PERFORMANCE.md."""
     return _CFG.get((kind, dv), _CFG_DEFAULT[kind])
 
 
-_CFG_DEFAULT = {"fwd": dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed", waves=1),
-                "bwd": dict(C=64, BV=32, num_warps=4, num_stages=1, waves=1),
-                "red": dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed")}
-# H100, triton 3.6 (docs/PERFORMANCE.md). Backward: only num_warps=4 with BV=32 is offered; num_warps=8
-# or BV=16 backward launches hit an illegal memory access there (not yet understood).
-# waves = 1: split the sequence only until the grid has one program per SM. At B=16, H=16 that is one
-# split (measured at N=8192: fwd 2.66 ms unsplit vs 3.02 / 3.32 / 3.83 ms at 2 / 8 / 32 waves; bwd 18.8
-# vs 21.5 ms at 8 waves): the scans are throughput bound there, and splits add a reduction pass.
-# Small batches (B * H << SM count) gain from the splits.
-_CFG: dict = {
-    ("fwd", 64): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed", waves=1),
-    ("fwd", 112): dict(C=32, BV=64, num_warps=4, num_stages=1, feat="packed", waves=1),
-    ("bwd", 64): dict(C=64, BV=32, num_warps=4, num_stages=1, waves=1),
-    ("bwd", 112): dict(C=64, BV=32, num_warps=4, num_stages=1, waves=1),
-    ("red", 64): dict(C=64, BV=64, num_warps=4, num_stages=1, feat="packed"),
-    ("red", 112): dict(C=64, BV=64, num_warps=4, num_stages=1, feat="packed"),
-}
+_CFG_DEFAULT = {"fwd": dict(C=64, BV=64, num_warps=4, num_stages=1, waves=1),
+                "dq": dict(C=32, BV=64, num_warps=4, num_stages=2),
+                "dkv": dict(C=32, BV=64, num_warps=4, num_stages=2, waves=1),
+                "enc": dict(C=64, BV=64, num_warps=4, num_stages=1),
+                "red": dict(C=128, BV=64, num_warps=4, num_stages=1)}
+# Chosen on an H100 (triton 3.6) at B=16, H=16, N=8192 (docs/PERFORMANCE.md): 4 warps everywhere (8 warps:
+# 1.5-2x slower, and an 8-warp backward of an earlier design read shared memory out of bounds inside
+# Triton-generated code); maxnreg=128 (for occupancy) 2-3x slower from spills.
+_CFG: dict = {}
 _INTERPRET_C = 16  # chunk under TRITON_INTERPRET (CPU tests)
 _FORCE_SPLIT_TOK = None  # tests: force this many tokens per sequence split (rounded up to the chunk)
 _MIN_SPLIT_CHUNKS = 4  # a split holds at least this many chunks (unless forced)
+
+
+def _kernel_opts(cfg, F, dtype):
+    """Compile-time arguments of a scan / encoder-gradient launch."""
+    return dict(F=F, C=_chunk(cfg), BV=cfg["BV"], PREC=_prec(dtype), **_launch_opts(cfg))
+
+
+def _launch_opts(cfg):
+    """Triton launch options of a config (maxnreg caps registers per thread, for occupancy)."""
+    opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if cfg.get("maxnreg"):
+        opts["maxnreg"] = cfg["maxnreg"]
+    return opts
 
 
 def _interpret():
@@ -574,57 +661,54 @@ def _split(N, C, programs, waves, device):
     return tok, triton.cdiv(N, tok)
 
 
-def _reduce(k, v, w, tok, nsplit, sp0, dv):
-    """Per-split state sums, public layout: slot j holds tokens of split j + sp0:
-    S [nsplit, BH, D, DV] = sum phi(k) v^T, z [nsplit, BH, D] = sum phi(k) w (w = 1 when None)."""
+def _prefix_split(M, C, programs, device):
+    """Tokens per program and programs per sequence for the (order-free) encoder passes: enough programs
+    for ~4 per SM, at least 4 chunks each."""
+    min_programs = 4 * _n_sm(device) if torch.device(device).type == "cuda" else 1
+    split = max(1, min(triton.cdiv(M, 4 * C), triton.cdiv(min_programs, programs)))
+    tok = triton.cdiv(triton.cdiv(M, split), C) * C
+    return tok, triton.cdiv(M, tok)
+
+
+def _reduce(k, v, w, tok, nsplit, sp0):
+    """Per-split packed state sums: slot j holds tokens of split j + sp0:
+    S [nsplit, BH, 161, DV] = sum phi(k) v^T, z [nsplit, BH, 161] = sum phi(k) w (w = 1 when None)."""
     B, H, M, F = k.shape
     DV = v.shape[-1]
     BH = B * H
-    D = 1 + F + F * F
-    cfg = _cfg(dv, "red")
+    cfg = _cfg(DV, "red")
     BV = cfg["BV"]
-    nv = triton.cdiv(DV, BV)
-    PS = torch.empty(nsplit, BH, D, DV, device=k.device, dtype=torch.float32)
-    PZ = torch.empty(nsplit, BH, D, device=k.device, dtype=torch.float32)
-    mode = cfg.get("feat", "packed")
-    R1, R2 = _rows(mode)
-    _enc_g_kernel[(BH, nv, nsplit)](k, v, k if w is None else w, PS, PZ, *_tables(mode, k.device), M, DV, tok, sp0,
-                                    F ** -0.25, F=F, C=_chunk(cfg), BV=BV, PREC=_prec(k.dtype), R1=R1, R2=R2,
-                                    HAS_W=w is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    PS = torch.empty(nsplit, BH, D_PACKED, DV, device=k.device, dtype=torch.float32)
+    PZ = torch.empty(nsplit, BH, D_PACKED, device=k.device, dtype=torch.float32)
+    _reduce_kernel[(BH, triton.cdiv(DV, BV), nsplit)](
+        k, v, k if w is None else w, PS, PZ, *_selection(k.dtype, k.device), M, DV, tok, sp0, F ** -0.25,
+        F=F, C=_chunk(cfg), BV=BV, PREC=_prec(k.dtype), HAS_W=w is not None,
+        **_launch_opts(cfg))
     return PS, PZ
 
 
-def _encoder(k_enc, v_enc, cfg=None, min_programs=None):
+def _encoder(k_enc, v_enc):
+    """Packed encoder state (S_e [BH, 161, DV], z_e [BH, 161]), the prefix split to fill the GPU."""
     B, H, M, F = k_enc.shape
     DV = v_enc.shape[-1]
     BH = B * H
-    D = 1 + F + F * F
-    rcfg = _cfg(DV, "red")
-    nv = triton.cdiv(DV, rcfg["BV"])
-    C = _chunk(rcfg)
     if M == 0:
-        return (torch.zeros(BH, D, DV, device=k_enc.device, dtype=torch.float32),
-                torch.zeros(BH, D, device=k_enc.device, dtype=torch.float32))
-    if min_programs is None:
-        min_programs = 4 * _n_sm(k_enc.device) if k_enc.is_cuda else 1
-    split = max(1, min(triton.cdiv(M, 4 * C), triton.cdiv(min_programs, BH * nv)))
-    tok = triton.cdiv(triton.cdiv(M, split), C) * C
-    split = triton.cdiv(M, tok)
-    PS, PZ = _reduce(k_enc, v_enc, None, tok, split, 0, DV)
-    if split == 1:
-        return PS[0], PZ[0]
-    return PS.sum(0), PZ.sum(0)
+        return (torch.zeros(BH, D_PACKED, DV, device=k_enc.device, dtype=torch.float32),
+                torch.zeros(BH, D_PACKED, device=k_enc.device, dtype=torch.float32))
+    cfg = _cfg(DV, "red")
+    tok, P = _prefix_split(M, _chunk(cfg), BH * triton.cdiv(DV, cfg["BV"]), k_enc.device)
+    PS, PZ = _reduce(k_enc, v_enc, None, tok, P, 0)
+    return (PS[0], PZ[0]) if PS.shape[0] == 1 else (PS.sum(0), PZ.sum(0))
 
 
 def _prefix_states(k, v, Se, Ze, tok, P):
-    """Initial state of each split (public layout): Se + sums over all earlier splits. [P, BH, D, DV], [P, BH, D]."""
+    """Initial state of each split (packed): Se + sums over all earlier splits. [P, BH, 161, DV], [P, BH, 161]."""
     if P == 1:
         return Se[None], Ze[None]
-    PS, PZ = _reduce(k, v, None, tok, P - 1, 0, v.shape[-1])
+    PS, PZ = _reduce(k, v, None, tok, P - 1, 0)
     S = torch.empty((P,) + tuple(Se.shape), device=Se.device, dtype=torch.float32)
     Z = torch.empty((P,) + tuple(Ze.shape), device=Se.device, dtype=torch.float32)
-    S[0] = Se
-    Z[0] = Ze
+    S[0], Z[0] = Se, Ze
     torch.cumsum(PS, 0, out=S[1:])
     torch.cumsum(PZ, 0, out=Z[1:])
     S[1:] += Se
@@ -633,30 +717,28 @@ def _prefix_states(k, v, Se, Ze, tok, P):
 
 
 def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
+    """y (and the normaliser for the backward, the packed encoder state, and for prefill the final
+    packed state)."""
     q, k, v, k_enc, v_enc = (t.contiguous() for t in (q, k, v, k_enc, v_enc))
     B, H, N, F = q.shape
     DV = v.shape[-1]
     cfg = _cfg(DV, "fwd")
-    BV = cfg["BV"]
-    C = _chunk(cfg)
+    BV, C = cfg["BV"], _chunk(cfg)
     nv = triton.cdiv(DV, BV)
-    D = 1 + F + F * F
     Se, Ze = _encoder(k_enc, v_enc)
     y = torch.empty_like(v)
     den = torch.empty(B, H, N, device=q.device, dtype=torch.float32) if store_den else y
-    S_out = torch.empty(B, H, D, DV, device=q.device, dtype=torch.float32) if store_state else y
-    Z_out = torch.empty(B, H, D, device=q.device, dtype=torch.float32) if store_state else y
-    mode = cfg.get("feat", "packed")
+    S_out = torch.empty(B * H, D_PACKED, DV, device=q.device, dtype=torch.float32) if store_state else y
+    Z_out = torch.empty(B * H, D_PACKED, device=q.device, dtype=torch.float32) if store_state else y
     if N > 0:
         tok, P = _split(N, C, B * H * nv, cfg.get("waves", 0), q.device)
         S_init, Z_init = _prefix_states(k, v, Se, Ze, tok, P)
-        R1, R2 = _rows(mode)
-        _fwd_g_kernel[(B * H, nv, P)](q, k, v, S_init, Z_init, y, den, S_out, Z_out, *_tables(mode, q.device), N, DV, tok,
-                                      F ** -0.25, eps, F=F, C=C, BV=BV, PREC=_prec(q.dtype), STORE_DEN=store_den,
-                                      STORE_STATE=store_state, R1=R1, R2=R2,
-                                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _fwd_kernel[(B * H, nv, P)](q, k, v, S_init, Z_init, y, den, S_out, Z_out, *_selection(q.dtype, q.device),
+                                    N, DV, tok, F ** -0.25, eps, F=F, C=C, BV=BV, PREC=_prec(q.dtype),
+                                    STORE_DEN=store_den, STORE_STATE=store_state,
+                                    **_launch_opts(cfg))
     elif store_state:
-        S_out.copy_(Se.view(B, H, D, DV)), Z_out.copy_(Ze.view(B, H, D))
+        S_out.copy_(Se), Z_out.copy_(Ze)
     return y, den, Se, Ze, S_out, Z_out
 
 
@@ -677,48 +759,59 @@ class PLATriton(torch.autograd.Function):
         B, H, N, F = q.shape
         M = k_enc.shape[2]
         DV = v.shape[-1]
-        cfg = _cfg(DV, "bwd")
-        BV, C = cfg["BV"], _chunk(cfg)
-        nv = triton.cdiv(DV, BV)
-        D = 1 + F + F * F
         BH = B * H
-        kw = dict(F=F, C=C, BV=BV, PREC=_prec(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        # d loss / d den_i = -(dy_i . y_i) / den_i  (den already includes eps)
-        dden = -(dy.float() * y.float()).sum(-1) / den
-        dq = torch.empty(nv, B, H, N, F, device=q.device, dtype=torch.float32)
-        dk = torch.empty(nv, B, H, N, F, device=q.device, dtype=torch.float32)
-        dv = torch.empty_like(v)
-        dS = torch.empty(BH, D, DV, device=q.device, dtype=torch.float32)
-        dZ = torch.empty(BH, D, device=q.device, dtype=torch.float32)
+        cq, ck, ce = _cfg(DV, "dq"), _cfg(DV, "dkv"), _cfg(DV, "enc")
+        nq, nk, ne = (triton.cdiv(DV, c["BV"]) for c in (cq, ck, ce))
+        sel = _selection(q.dtype, q.device)
         scale = F ** -0.25
+        dden = torch.empty_like(den)
         if N > 0:
-            tok, P = _split(N, C, BH * nv, cfg.get("waves", 0), q.device)
+            _dden_kernel[(triton.cdiv(BH * N, 64),)](dy, y, den, dden, BH * N, DV, BR=64, BV=triton.next_power_of_2(DV))
+        dq = _partials(nq, (B, H, N, F), q)
+        dk = _partials(nk, (B, H, N, F), k)
+        dv = torch.empty_like(v)
+        dS = torch.empty(BH, D_PACKED, DV, device=q.device, dtype=torch.float32)
+        dZ = torch.empty(BH, D_PACKED, device=q.device, dtype=torch.float32)
+        if N > 0:
+            tok, P = _split(N, max(_chunk(cq), _chunk(ck)), BH * nk, ck.get("waves", 0), q.device)
             S_init, Z_init = _prefix_states(k, v, Se, Ze, tok, P)
-            _bwd_dq_kernel[(BH, nv, P)](q, k, v, dy, den, dden, S_init, Z_init, dq, N, DV, tok, scale, **kw)
+            _bwd_dq_kernel[(BH, nq, P)](q, k, v, dy, den, dden, S_init, Z_init, dq, *sel, N, DV, tok, scale,
+                                        **_kernel_opts(cq, F, q.dtype))
             del S_init, Z_init
             if P > 1:
                 # state gradient from all later splits: reverse exclusive sum of per-split sums of
-                # phi(q) dnum^T and phi(q) dden, converted to the internal layout (quadratic rows * sqrt2)
+                # phi(q) dnum^T and phi(q) dden
                 dnum = (dy.float() / den[..., None]).to(q.dtype)
-                PS, PZ = _reduce(q, dnum, dden, tok, P - 1, 1, DV)
-                dS_init = torch.zeros(P, BH, D, DV, device=q.device, dtype=torch.float32)
-                dZ_init = torch.zeros(P, BH, D, device=q.device, dtype=torch.float32)
+                PS, PZ = _reduce(q, dnum, dden, tok, P - 1, 1)
+                dS_init = torch.zeros(P, BH, D_PACKED, DV, device=q.device, dtype=torch.float32)
+                dZ_init = torch.zeros(P, BH, D_PACKED, device=q.device, dtype=torch.float32)
                 dS_init[:-1] = PS.flip(0).cumsum(0).flip(0)
                 dZ_init[:-1] = PZ.flip(0).cumsum(0).flip(0)
                 del PS, PZ, dnum
-                dS_init[:, :, 1 + F:] *= SQRT2
-                dZ_init[:, :, 1 + F:] *= SQRT2
             else:
                 dS_init, dZ_init = dS, dZ
-            _bwd_dkv_kernel[(BH, nv, P)](q, k, v, dy, den, dden, dk, dv, dS, dZ, dS_init, dZ_init, N, DV, tok, scale,
-                                         HAS_INIT=P > 1, **kw)
+            _bwd_dkv_kernel[(BH, nk, P)](q, k, v, dy, den, dden, dk, dv, dS, dZ, dS_init, dZ_init, *sel, N, DV, tok,
+                                         scale, HAS_INIT=P > 1, **_kernel_opts(ck, F, q.dtype))
         else:
             dS.zero_(), dZ.zero_()
-        dke = torch.empty(nv, B, H, M, F, device=q.device, dtype=torch.float32)
+        dke = _partials(ne, (B, H, M, F), k_enc)
         dve = torch.empty_like(v_enc)
         if M > 0:
-            _bwd_enc_kernel[(BH, triton.cdiv(M, C), nv)](k_enc, v_enc, dS, dZ, dke, dve, M, DV, scale, **kw)
-        return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dke.sum(0).to(k_enc.dtype), dve, None)
+            tok, P = _prefix_split(M, _chunk(ce), BH * ne, q.device)
+            _bwd_enc_kernel[(BH, P, ne)](k_enc, v_enc, dS, dZ, dke, dve, *sel, M, DV, tok, scale,
+                                         **_kernel_opts(ce, F, q.dtype))
+        return (_sum_blocks(dq, q.dtype), _sum_blocks(dk, k.dtype), dv, _sum_blocks(dke, k_enc.dtype), dve, None)
+
+
+def _partials(nv, shape, like):
+    """Output of a gradient summed over nv dv blocks: fp32 partials [nv, *shape], or with one block the
+    gradient itself in the input's dtype (the kernels cast on store)."""
+    return torch.empty((nv,) + shape, device=like.device, dtype=torch.float32 if nv > 1 else like.dtype)
+
+
+def _sum_blocks(partials, dtype):
+    """The gradient from _partials, in the input dtype."""
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0).to(dtype)
 
 
 def pla_triton(q, k, v, k_enc, v_enc, eps: float = 1e-12):
@@ -727,8 +820,11 @@ def pla_triton(q, k, v, k_enc, v_enc, eps: float = 1e-12):
 
 @torch.no_grad()
 def pla_prefill_triton(q, k, v, k_enc, v_enc, eps: float = 1e-12):
+    """Output and the fp32 state after all N tokens in the public (unpacked) layout."""
+    B, H = q.shape[:2]
     y, _, _, _, S, Z = _forward(q, k, v, k_enc, v_enc, eps, store_den=False, store_state=True)
-    return y, PLAState(S=S, z=Z)
+    st = _to_public(S, Z)
+    return y, PLAState(S=st.S.view(B, H, *st.S.shape[1:]), z=st.z.view(B, H, -1))
 
 
 def pla_decode_step_triton(q, k, v, state: PLAState, eps: float = 1e-12, out=None):
