@@ -117,15 +117,10 @@ def fla_fn(N):
 
 
 def fwdbwd(f, args):
+    """Forward + backward to all inputs (torch.autograd.grad: no accumulation into .grad, for every method)."""
     args = [a.detach().clone().requires_grad_() for a in args]
-    y0 = f(*args)
-    dy = torch.randn_like(y0)
-    del y0
-
-    def run():
-        y = f(*args)
-        torch.autograd.backward(y, dy)
-    return run
+    dy = torch.randn_like(f(*args))
+    return lambda: torch.autograd.grad(f(*args), args, dy)
 
 
 # ----------------------------------------------------------------------------- decode
@@ -209,6 +204,14 @@ def main():
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         del x, a
         torch.cuda.empty_cache()
+    # head value dim 112 (the 1.3B preset) at the paper's batch
+    x = inputs(8192, 4096, 112)
+    with torch.no_grad():
+        r = dict(dv=112, N=8192, pla_prefill=ms(lambda: T.pla_prefill_triton(*x)))
+    r["pla_fwdbwd"] = ms(fwdbwd(T.pla_triton, x))
+    out["dv112"] = r
+    log(json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_) for k_, v_ in r.items()}))
+    del x
     # small batches: sequence splits (configured waves) vs one split per (b, h) (the first version)
     for b_, N in [(1, 32768), (2, 8192), (1, 8192)]:
         x = inputs(N, N // 2, dv, b=b_, h=H)

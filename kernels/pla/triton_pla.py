@@ -364,9 +364,10 @@ def _dden_kernel(DY, Y, DEN, DDEN, ROWS, DV, BR: tl.constexpr, BV: tl.constexpr)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, DV, TOK, scale,
-                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """Forward scan over split sp from its initial state for dq."""
+def _bwd_dq_kernel(Q, K, V, DO, Y, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, DV, TOK, scale,
+                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FUSE_DDEN: tl.constexpr):
+    """Forward scan over split sp from its initial state for dq. FUSE_DDEN (one dv block): also computes
+    and stores dden = -(dy . y) / den for the dk/dv scan (else DDEN is an input)."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
     sp = tl.program_id(2)
@@ -398,7 +399,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, DV,
         v = _load_rows(V, bh, rows, rm, N, DV, offs_v, mv, False)
         do = _load_rows(DO, bh, rows, rm, N, DV, offs_v, mv, False).to(tl.float32)
         den = tl.load(DEN + bh * N + rows, mask=rm, other=1.)
-        dden = tl.load(DDEN + bh * N + rows, mask=rm, other=0.) * first
+        if FUSE_DDEN:
+            y = _load_rows(Y, bh, rows, rm, N, DV, offs_v, mv, False).to(tl.float32)
+            dden = -tl.sum(do * y, axis=1) / den
+            tl.store(DDEN + bh * N + rows, dden, mask=rm)
+        else:
+            dden = tl.load(DDEN + bh * N + rows, mask=rm, other=0.) * first
         dnum = (do / den[:, None]).to(DT)
         # within the chunk: dA_ij = dnum_i . v_j + dden_i ; ds = dA (1 + s)
         s = tl.dot(q, kt, input_precision=PREC) * sc2
@@ -765,7 +771,8 @@ class PLATriton(torch.autograd.Function):
         sel = _selection(q.dtype, q.device)
         scale = F ** -0.25
         dden = torch.empty_like(den)
-        if N > 0:
+        fuse_dden = nq == 1  # the dq scan computes dden when it sees all of dv
+        if N > 0 and not fuse_dden:
             _dden_kernel[(triton.cdiv(BH * N, 64),)](dy, y, den, dden, BH * N, DV, BR=64, BV=triton.next_power_of_2(DV))
         dq = _partials(nq, (B, H, N, F), q)
         dk = _partials(nk, (B, H, N, F), k)
@@ -775,8 +782,8 @@ class PLATriton(torch.autograd.Function):
         if N > 0:
             tok, P = _split(N, max(_chunk(cq), _chunk(ck)), BH * nk, ck.get("waves", 0), q.device)
             S_init, Z_init = _prefix_states(k, v, Se, Ze, tok, P)
-            _bwd_dq_kernel[(BH, nq, P)](q, k, v, dy, den, dden, S_init, Z_init, dq, *sel, N, DV, tok, scale,
-                                        **_kernel_opts(cq, F, q.dtype))
+            _bwd_dq_kernel[(BH, nq, P)](q, k, v, dy, y, den, dden, S_init, Z_init, dq, *sel, N, DV, tok, scale,
+                                        FUSE_DDEN=fuse_dden, **_kernel_opts(cq, F, q.dtype))
             del S_init, Z_init
             if P > 1:
                 # state gradient from all later splits: reverse exclusive sum of per-split sums of
