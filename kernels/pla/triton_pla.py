@@ -13,20 +13,24 @@ one-hot selection matrices E [f, 144] give x_a and x_b exactly (one term per out
 phi2(x) = (x E_A) * (x E_B) * W, and its gradient g -> (g W (x E_B)) E_A^T + (g W (x E_A)) E_B^T.
 No gathers, no register reshapes; every per-chunk product is an MMA with K >= 16.
 
+The quadratic rows are handled in three parts (64 + 64 + 16 rows: one [C, 64] feature tile live at a
+time, to limit register pressure); see docs/PERFORMANCE.md for what bounds these kernels.
+
 Kernels (one program per (batch*head, dv block, sequence split); sequential over chunks of C tokens):
   _reduce_kernel   sum of phi(k) v^T and phi(k) w over a token range: the encoder prefix (split over
                    the prefix), per-split sums for the sequence split, and the backward's per-split
                    state gradients (k -> q, v -> dnum, w -> dden)
   _fwd_kernel      chunked causal Taylor linear attention over one split from its initial state;
                    stores y, the normaliser, and (prefill) the final state
-  _bwd_dq_kernel   forward scan again for dq (state kept transposed: [dv, rows])
+  _dden_kernel     d loss / d normaliser (only with several dv blocks; else fused into the dq scan)
+  _bwd_dq_kernel   forward scan again for dq
   _bwd_dkv_kernel  reverse scan for dk, dv from the state gradient of all later splits; split 0 stores
                    the total state gradient dS for the encoder
   _bwd_enc_kernel  dk_enc, dv_enc from dS (parallel over the prefix)
   _decode_kernel   one-token state update + readout in the public layout, fused over heads, in place
 Sequence split: P splits per sequence (config "waves": aim for waves x SM-count programs; P = 1 once
 B*H fills the GPU). Initial states of the splits: fp32 exclusive cumsum over per-split sums.
-dq and dk sum over dv blocks: each block writes an fp32 partial and torch sums them.
+dq and dk sum over dv blocks: with several blocks each writes an fp32 partial and torch sums them.
 """
 from __future__ import annotations
 
@@ -105,8 +109,9 @@ def _to_public(S: torch.Tensor, z: torch.Tensor) -> PLAState:
 
 
 # Packed state rows: [0] constant, [1, 17) linear, then the quadratic rows in three parts (register
-# pressure: one [C, 64] feature tile at a time): [17, 81), [81, 145), [145, 161). Each part is
-# (first row, rows, linear?) below; the selection columns of a quadratic part are first row - 17.
+# pressure: one [C, 64] feature tile at a time): [17, 81), [81, 145), [145, 161). Kernels load the
+# selection matrices of the three quadratic parts once (A, C, B below) and call the part helpers once per
+# part; the linear part passes LIN=True (its selection arguments are then unused).
 @triton.jit
 def _selection_part(EA, EB, W, ROW: tl.constexpr, R: tl.constexpr, F: tl.constexpr):
     """E_A, E_B [F, R] and W [R] of the quadratic state rows [ROW, ROW + R)."""
