@@ -23,7 +23,7 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8"], "gpt2": ["tokenizers"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout>=2"], "gpt2": ["tokenizers"]},
     entry_points={
         "console_scripts": [
             "jrt-prep=data_prep.cli:main",

@@ -125,7 +125,9 @@ def _encoded(batches, spec: str, dtype, workers: int):
         for b in batches:
             yield from _encode_batch((b, dtype))
         return
-    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    # Not "fork": the caller may hold threads (torch, tqdm, a trainer), and a forked worker can inherit
+    # a lock held by one of them and hang (seen: Pool.terminate waiting on a worker stuck in its queue).
+    ctx = mp.get_context("forkserver" if sys.platform == "linux" else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
         pending = collections.deque()
         for b in batches:

@@ -21,6 +21,19 @@ class TokenSource(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class SampleLayout:
+    """Where a data-parallel rank's samples sit in the global order: rank r of d takes the r-th
+    contiguous slice of every global batch."""
+
+    def __init__(self, global_batch_size: int, dp_rank: int, dp_world_size: int):
+        self.global_batch_size, self.dp_rank = global_batch_size, dp_rank
+        self.per_rank = global_batch_size // dp_world_size
+
+    def first_sample(self, step: int) -> int:
+        """Global index of this rank's first sample of optimizer step `step`."""
+        return step * self.global_batch_size + self.dp_rank * self.per_rank
+
+
 class MockTokens:
     """Random token windows; window i is a function of (seed, i) alone.
 
@@ -32,8 +45,7 @@ class MockTokens:
                  global_batch_size: int, dp_rank: int, dp_world_size: int, seed: int):
         self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
         self.micro_batch_size = micro_batch_size
-        self.per_rank = global_batch_size // dp_world_size
-        self.global_batch_size, self.dp_rank = global_batch_size, dp_rank
+        self.layout = SampleLayout(global_batch_size, dp_rank, dp_world_size)
         self.consumed = 0  # windows this rank has read
 
     def _window(self, index: int) -> torch.Tensor:
@@ -42,8 +54,8 @@ class MockTokens:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
-            step, offset = divmod(self.consumed, self.per_rank)
-            first = step * self.global_batch_size + self.dp_rank * self.per_rank + offset
+            step, offset = divmod(self.consumed, self.layout.per_rank)
+            first = self.layout.first_sample(step) + offset
             self.consumed += self.micro_batch_size
             yield torch.stack([self._window(first + i) for i in range(self.micro_batch_size)])
 
@@ -81,14 +93,12 @@ class JRTBatches:
                  global_batch_size: int, dp_rank: int, dp_world_size: int):
         self.source, self.iterator = source, None
         self.prefix_length, self.mask_id, self.seed = prefix_length, mask_id, seed
-        self.global_batch_size = global_batch_size
-        self.per_rank = global_batch_size // dp_world_size
-        self.dp_rank = dp_rank
+        self.layout = SampleLayout(global_batch_size, dp_rank, dp_world_size)
 
     def step(self, step: int, num_microbatches: int, device) -> list[JRTBatch]:
         if self.iterator is None:
             self.iterator = iter(self.source)
-        batches, first = [], step * self.global_batch_size + self.dp_rank * self.per_rank
+        batches, first = [], self.layout.first_sample(step)
         for _ in range(num_microbatches):
             tokens = next(self.iterator)
             batches.append(make_jrt_batch(tokens, prefix_length=self.prefix_length,

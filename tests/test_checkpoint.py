@@ -3,6 +3,7 @@
 All runs are configs/mock-tiny.yaml (fp32 on CPU) with steps sized so that a save is the
 main cost (the first dist_checkpointing save of a process spawns a helper, ~6 s).
 """
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -72,26 +74,33 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = killed / "ckpt" / "latest"
     deadline = time.monotonic() + 240
+    helpers = []
     try:
         while not latest.exists():
             assert proc.poll() is None, "the training process died before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint published in time"
             time.sleep(0.05)
+        # dist_checkpointing's save worker outlives a SIGKILLed trainer (on a cluster the job's cgroup
+        # reaps it); reap it here too
+        helpers = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGKILL)  # not a polite exit
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+        for helper in helpers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                helper.kill()
     assert proc.returncode == -signal.SIGKILL
     assert latest.read_text().strip() == "step_0000002"
 
     # The straight run meanwhile (2 cores: run one after the other).
-    subprocess.run(_train_cmd(straight), cwd=REPO, env=_env(), check=True,
+    subprocess.run(_train_cmd(straight), cwd=REPO, env=_env(), check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     before = _losses(killed)
     (killed / "losses.jsonl").unlink()
     subprocess.run(_train_cmd(killed, **{"checkpoint.resume": "auto"}), cwd=REPO, env=_env(),
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     reference, resumed = _losses(straight), _losses(killed)
     assert sorted(resumed) == [3, 4], resumed  # resumed after step 2, not from scratch
     assert [before[s] for s in (1, 2)] == [reference[s] for s in (1, 2)]

@@ -233,7 +233,8 @@ def test_missing_input_names_file(tmp_path, tok_path):
 def test_cli_module_end_to_end(tmp_path, corpus):
     tok = tmp_path / "t.model"
     r = subprocess.run([sys.executable, "-m", "data_prep.cli", "tokenizer", "--input", str(corpus),
-                        "--vocab-size", "600", "--out", str(tok)], cwd=REPO, capture_output=True, text=True)
+                        "--vocab-size", "600", "--out", str(tok)], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert "pad=0 eod=2 mask=3" in r.stdout
     assert cli_main(["shards", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "s"),
