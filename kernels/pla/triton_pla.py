@@ -227,6 +227,72 @@ def _state_grad_part(k, kt, vt, d, e, first, ea, eb, w, scale, LIN: tl.constexpr
 
 
 @triton.jit
+def _selections(EA, EB, W, F: tl.constexpr):
+    """Selection matrices and weights of the quadratic parts A, C, B (loaded once per program)."""
+    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
+    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
+    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
+    return eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB
+
+
+@triton.jit
+def _zero_state(BV: tl.constexpr, F: tl.constexpr):
+    """An empty packed state as (s, z) per part: constant, linear, A, C, B."""
+    return (tl.zeros([1, BV], tl.float32), tl.zeros([1], tl.float32), tl.zeros([F, BV], tl.float32),
+            tl.zeros([F], tl.float32), tl.zeros([64, BV], tl.float32), tl.zeros([64], tl.float32),
+            tl.zeros([64, BV], tl.float32), tl.zeros([64], tl.float32), tl.zeros([16, BV], tl.float32),
+            tl.zeros([16], tl.float32))
+
+
+@triton.jit
+def _load_state(S, Z, slot, offs_v, mv, DV, F: tl.constexpr):
+    """A packed state slot as (s, z) per part: constant, linear, A, C, B."""
+    s0, z0 = _load_part(S, Z, slot, 0, 1, offs_v, mv, DV)
+    sl, zl = _load_part(S, Z, slot, 1, F, offs_v, mv, DV)
+    sa, za = _load_part(S, Z, slot, 17, 64, offs_v, mv, DV)
+    sc, zc = _load_part(S, Z, slot, 81, 64, offs_v, mv, DV)
+    sb, zb = _load_part(S, Z, slot, 145, 16, offs_v, mv, DV)
+    return s0, z0, sl, zl, sa, za, sc, zc, sb, zb
+
+
+@triton.jit
+def _store_state(S, Z, slot, s0, z0, sl, zl, sa, za, sc, zc, sb, zb, offs_v, mv, DV, F: tl.constexpr, STORE_Z):
+    """Inverse of _load_state (z only when STORE_Z: one dv block writes it)."""
+    _store_part(S, Z, slot, 0, 1, s0, z0, offs_v, mv, DV, STORE_Z)
+    _store_part(S, Z, slot, 1, F, sl, zl, offs_v, mv, DV, STORE_Z)
+    _store_part(S, Z, slot, 17, 64, sa, za, offs_v, mv, DV, STORE_Z)
+    _store_part(S, Z, slot, 81, 64, sc, zc, offs_v, mv, DV, STORE_Z)
+    _store_part(S, Z, slot, 145, 16, sb, zb, offs_v, mv, DV, STORE_Z)
+
+
+@triton.jit
+def _update_state(xt, y, wts, sl, zl, sa, za, sc, zc, sb, zb, eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB, scale,
+                  PREC: tl.constexpr):
+    """_update_part over the linear and quadratic parts (the constant row is the caller's)."""
+    sl, zl = _update_part(xt, y, sl, zl, wts, eaB, ebB, wB, scale, True, PREC)
+    sa, za = _update_part(xt, y, sa, za, wts, eaA, ebA, wA, scale, False, PREC)
+    sc, zc = _update_part(xt, y, sc, zc, wts, eaC, ebC, wC, scale, False, PREC)
+    sb, zb = _update_part(xt, y, sb, zb, wts, eaB, ebB, wB, scale, False, PREC)
+    return sl, zl, sa, za, sc, zc, sb, zb
+
+
+@triton.jit
+def _state_grad(dv, k, kt, vt, dl, el, da, ea, dc, ec, db, eb, first, eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB,
+                scale, PREC: tl.constexpr):
+    """_state_grad_part over the linear and quadratic parts: dv (added to the given one) and dk^T of a chunk."""
+    dv_, dkt = _state_grad_part(k, kt, vt, dl, el, first, eaB, ebB, wB, scale, True, PREC)
+    dv += dv_
+    dv_, dkt_ = _state_grad_part(k, kt, vt, da, ea, first, eaA, ebA, wA, scale, False, PREC)
+    dv += dv_
+    dkt += dkt_
+    dv_, dkt_ = _state_grad_part(k, kt, vt, dc, ec, first, eaC, ebC, wC, scale, False, PREC)
+    dv += dv_
+    dkt += dkt_
+    dv_, dkt_ = _state_grad_part(k, kt, vt, db, eb, first, eaB, ebB, wB, scale, False, PREC)
+    return dv + dv_, dkt + dkt_
+
+
+@triton.jit
 def _load_rows(X, bh, rows, rm, N, WIDTH, offs, mo, TRANS: tl.constexpr):
     """Tile of X [BH, N, WIDTH] at token rows (masked rows and columns read 0): [C, W] or, TRANS, [W, C]."""
     base = X + bh * N * WIDTH
@@ -252,19 +318,8 @@ def _reduce_kernel(K, V, WGT, PS, PZ, EA, EB, W, M, DV, TOK_PER_SPLIT, SP0, scal
     all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
-    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
-    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
-    s0 = tl.zeros([1, BV], tl.float32)
-    z0 = tl.zeros([1], tl.float32)
-    sl = tl.zeros([F, BV], tl.float32)
-    zl = tl.zeros([F], tl.float32)
-    sa = tl.zeros([64, BV], tl.float32)
-    za = tl.zeros([64], tl.float32)
-    sc = tl.zeros([64, BV], tl.float32)
-    zc = tl.zeros([64], tl.float32)
-    sb = tl.zeros([16, BV], tl.float32)
-    zb = tl.zeros([16], tl.float32)
+    eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
+    s0, z0, sl, zl, sa, za, sc, zc, sb, zb = _zero_state(BV, F)
     start = (sp + SP0) * TOK_PER_SPLIT
     end = tl.minimum(start + TOK_PER_SPLIT, M)
     for c0 in range(start, end, C):
@@ -278,17 +333,9 @@ def _reduce_kernel(K, V, WGT, PS, PZ, EA, EB, W, M, DV, TOK_PER_SPLIT, SP0, scal
             w = rm.to(tl.float32)
         s0 += tl.sum(v.to(tl.float32), axis=0)[None, :]
         z0 += tl.sum(w, axis=0)
-        sl, zl = _update_part(kt, v, sl, zl, w, eaB, ebB, wB, scale, True, PREC)
-        sa, za = _update_part(kt, v, sa, za, w, eaA, ebA, wA, scale, False, PREC)
-        sc, zc = _update_part(kt, v, sc, zc, w, eaC, ebC, wC, scale, False, PREC)
-        sb, zb = _update_part(kt, v, sb, zb, w, eaB, ebB, wB, scale, False, PREC)
-    slot = sp * BH + bh
-    first = pv == 0
-    _store_part(PS, PZ, slot, 0, 1, s0, z0, offs_v, mv, DV, first)
-    _store_part(PS, PZ, slot, 1, F, sl, zl, offs_v, mv, DV, first)
-    _store_part(PS, PZ, slot, 17, 64, sa, za, offs_v, mv, DV, first)
-    _store_part(PS, PZ, slot, 81, 64, sc, zc, offs_v, mv, DV, first)
-    _store_part(PS, PZ, slot, 145, 16, sb, zb, offs_v, mv, DV, first)
+        sl, zl, sa, za, sc, zc, sb, zb = _update_state(kt, v, w, sl, zl, sa, za, sc, zc, sb, zb,
+                                                       eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB, scale, PREC)
+    _store_state(PS, PZ, sp * BH + bh, s0, z0, sl, zl, sa, za, sc, zc, sb, zb, offs_v, mv, DV, F, pv == 0)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -311,15 +358,8 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, EA, EB, W, N, DV,
     all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
-    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
-    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
-    slot = sp * BH + bh
-    s0, z0 = _load_part(S_INIT, Z_INIT, slot, 0, 1, offs_v, mv, DV)
-    sl, zl = _load_part(S_INIT, Z_INIT, slot, 1, F, offs_v, mv, DV)
-    sa, za = _load_part(S_INIT, Z_INIT, slot, 17, 64, offs_v, mv, DV)
-    sc, zc = _load_part(S_INIT, Z_INIT, slot, 81, 64, offs_v, mv, DV)
-    sb, zb = _load_part(S_INIT, Z_INIT, slot, 145, 16, offs_v, mv, DV)
+    eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
+    s0, z0, sl, zl, sa, za, sc, zc, sb, zb = _load_state(S_INIT, Z_INIT, sp * BH + bh, offs_v, mv, DV, F)
     for c0 in range(start, end, C):
         rows = c0 + offs_c
         rm = rows < end
@@ -346,12 +386,7 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, EA, EB, W, N, DV,
                 tl.store(DEN + bh * N + rows, den, mask=rm)
     if STORE_STATE:
         if sp == tl.num_programs(2) - 1:
-            first = pv == 0
-            _store_part(S_OUT, Z_OUT, bh, 0, 1, s0, z0, offs_v, mv, DV, first)
-            _store_part(S_OUT, Z_OUT, bh, 1, F, sl, zl, offs_v, mv, DV, first)
-            _store_part(S_OUT, Z_OUT, bh, 17, 64, sa, za, offs_v, mv, DV, first)
-            _store_part(S_OUT, Z_OUT, bh, 81, 64, sc, zc, offs_v, mv, DV, first)
-            _store_part(S_OUT, Z_OUT, bh, 145, 16, sb, zb, offs_v, mv, DV, first)
+            _store_state(S_OUT, Z_OUT, bh, s0, z0, sl, zl, sa, za, sc, zc, sb, zb, offs_v, mv, DV, F, pv == 0)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -386,15 +421,9 @@ def _bwd_dq_kernel(Q, K, V, DO, Y, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, 
     all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
-    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
-    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
+    eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     first = (pv == 0).to(tl.float32)  # the normaliser's terms are added by one dv block only
-    slot = sp * BH + bh
-    sl, zl = _load_part(S_INIT, Z_INIT, slot, 1, F, offs_v, mv, DV)
-    sa, za = _load_part(S_INIT, Z_INIT, slot, 17, 64, offs_v, mv, DV)
-    sc, zc = _load_part(S_INIT, Z_INIT, slot, 81, 64, offs_v, mv, DV)
-    sb, zb = _load_part(S_INIT, Z_INIT, slot, 145, 16, offs_v, mv, DV)
+    _, _, sl, zl, sa, za, sc, zc, sb, zb = _load_state(S_INIT, Z_INIT, sp * BH + bh, offs_v, mv, DV, F)
     for c0 in range(start, end, C):
         rows = c0 + offs_c
         rm = rows < end
@@ -423,10 +452,8 @@ def _bwd_dq_kernel(Q, K, V, DO, Y, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, 
         dq += _readout_grad_part(q, dnum, dden, sb, zb, eaB, ebB, wB, scale, False, PREC)
         tl.store(DQ + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dq.to(DQ.dtype.element_ty), mask=rm[:, None])
         w = rm.to(tl.float32)
-        sl, zl = _update_part(kt, v, sl, zl, w, eaB, ebB, wB, scale, True, PREC)
-        sa, za = _update_part(kt, v, sa, za, w, eaA, ebA, wA, scale, False, PREC)
-        sc, zc = _update_part(kt, v, sc, zc, w, eaC, ebC, wC, scale, False, PREC)
-        sb, zb = _update_part(kt, v, sb, zb, w, eaB, ebB, wB, scale, False, PREC)
+        sl, zl, sa, za, sc, zc, sb, zb = _update_state(kt, v, w, sl, zl, sa, za, sc, zc, sb, zb,
+                                                       eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB, scale, PREC)
 
 
 @triton.jit
@@ -448,23 +475,12 @@ def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, DS_INIT, DZ_INIT, E
     all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
-    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
-    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
+    eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     first = (pv == 0).to(tl.float32)
     if HAS_INIT:
-        slot = sp * BH + bh
-        d0, e0 = _load_part(DS_INIT, DZ_INIT, slot, 0, 1, offs_v, mv, DV)
-        dl, el = _load_part(DS_INIT, DZ_INIT, slot, 1, F, offs_v, mv, DV)
-        da_, ea_ = _load_part(DS_INIT, DZ_INIT, slot, 17, 64, offs_v, mv, DV)
-        dc, ec = _load_part(DS_INIT, DZ_INIT, slot, 81, 64, offs_v, mv, DV)
-        db, eb_ = _load_part(DS_INIT, DZ_INIT, slot, 145, 16, offs_v, mv, DV)
+        d0, e0, dl, el, da_, ea_, dc, ec, db, eb_ = _load_state(DS_INIT, DZ_INIT, sp * BH + bh, offs_v, mv, DV, F)
     else:
-        d0, e0 = tl.zeros([1, BV], tl.float32), tl.zeros([1], tl.float32)
-        dl, el = tl.zeros([F, BV], tl.float32), tl.zeros([F], tl.float32)
-        da_, ea_ = tl.zeros([64, BV], tl.float32), tl.zeros([64], tl.float32)
-        dc, ec = tl.zeros([64, BV], tl.float32), tl.zeros([64], tl.float32)
-        db, eb_ = tl.zeros([16, BV], tl.float32), tl.zeros([16], tl.float32)
+        d0, e0, dl, el, da_, ea_, dc, ec, db, eb_ = _zero_state(BV, F)
     n_chunks = tl.cdiv(end - start, C)
     for ci in range(0, n_chunks):
         c0 = start + (n_chunks - 1 - ci) * C
@@ -489,34 +505,18 @@ def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, DS_INIT, DZ_INIT, E
         dst = tl.where(valid, dat * (1.0 + st), 0.0)
         dk = tl.dot(dst.to(DT), q, input_precision=PREC) * sc2
         # from the gradient of the state after the chunk (all later queries), part by part
-        dv_, dkt = _state_grad_part(k, kt, vt, dl, el, first, eaB, ebB, wB, scale, True, PREC)
-        dv += dv_
-        dv_, dkt_ = _state_grad_part(k, kt, vt, da_, ea_, first, eaA, ebA, wA, scale, False, PREC)
-        dv += dv_
-        dkt += dkt_
-        dv_, dkt_ = _state_grad_part(k, kt, vt, dc, ec, first, eaC, ebC, wC, scale, False, PREC)
-        dv += dv_
-        dkt += dkt_
-        dv_, dkt_ = _state_grad_part(k, kt, vt, db, eb_, first, eaB, ebB, wB, scale, False, PREC)
-        dv += dv_
-        dkt += dkt_
+        dv, dkt = _state_grad(dv, k, kt, vt, dl, el, da_, ea_, dc, ec, db, eb_, first,
+                              eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB, scale, PREC)
         tl.store(DVO + bh * N * DV + rows[:, None] * DV + offs_v[None, :], dv.to(DVO.dtype.element_ty), mask=rm[:, None] & mv[None, :])
         dk += tl.trans(dkt)
         tl.store(DK + ((pv * BH + bh) * N + rows[:, None]) * F + offs_f[None, :], dk.to(DK.dtype.element_ty), mask=rm[:, None])
         # state gradient += phi(q_i) dnum_i^T, phi(q_i) dden_i over this chunk's queries
         d0 += tl.sum(dnum.to(tl.float32), axis=0)[None, :]
         e0 += tl.sum(dden_all, axis=0)
-        dl, el = _update_part(qt, dnum, dl, el, dden_all, eaB, ebB, wB, scale, True, PREC)
-        da_, ea_ = _update_part(qt, dnum, da_, ea_, dden_all, eaA, ebA, wA, scale, False, PREC)
-        dc, ec = _update_part(qt, dnum, dc, ec, dden_all, eaC, ebC, wC, scale, False, PREC)
-        db, eb_ = _update_part(qt, dnum, db, eb_, dden_all, eaB, ebB, wB, scale, False, PREC)
+        dl, el, da_, ea_, dc, ec, db, eb_ = _update_state(qt, dnum, dden_all, dl, el, da_, ea_, dc, ec, db, eb_,
+                                                          eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB, scale, PREC)
     if sp == 0:
-        st0 = pv == 0
-        _store_part(DS, DZ, bh, 0, 1, d0, e0, offs_v, mv, DV, st0)
-        _store_part(DS, DZ, bh, 1, F, dl, el, offs_v, mv, DV, st0)
-        _store_part(DS, DZ, bh, 17, 64, da_, ea_, offs_v, mv, DV, st0)
-        _store_part(DS, DZ, bh, 81, 64, dc, ec, offs_v, mv, DV, st0)
-        _store_part(DS, DZ, bh, 145, 16, db, eb_, offs_v, mv, DV, st0)
+        _store_state(DS, DZ, bh, d0, e0, dl, el, da_, ea_, dc, ec, db, eb_, offs_v, mv, DV, F, pv == 0)
 
 
 @triton.jit
@@ -533,15 +533,9 @@ def _bwd_enc_kernel(KE, VE, DS, DZ, DKE, DVE, EA, EB, W, M, DV, TOK, scale,
     all_f = offs_f < F
     offs_v = pv * BV + tl.arange(0, BV)
     mv = offs_v < DV
-    eaA, ebA, wA = _selection_part(EA, EB, W, 17, 64, F)
-    eaC, ebC, wC = _selection_part(EA, EB, W, 81, 64, F)
-    eaB, ebB, wB = _selection_part(EA, EB, W, 145, 16, F)
+    eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     first = (pv == 0).to(tl.float32)
-    d0, _ = _load_part(DS, DZ, bh, 0, 1, offs_v, mv, DV)
-    dl, el = _load_part(DS, DZ, bh, 1, F, offs_v, mv, DV)
-    da_, ea_ = _load_part(DS, DZ, bh, 17, 64, offs_v, mv, DV)
-    dc, ec = _load_part(DS, DZ, bh, 81, 64, offs_v, mv, DV)
-    db, eb_ = _load_part(DS, DZ, bh, 145, 16, offs_v, mv, DV)
+    d0, _, dl, el, da_, ea_, dc, ec, db, eb_ = _load_state(DS, DZ, bh, offs_v, mv, DV, F)
     start = sp * TOK
     end = tl.minimum(start + TOK, M)
     for c0 in range(start, end, C):
@@ -550,17 +544,8 @@ def _bwd_enc_kernel(KE, VE, DS, DZ, DKE, DVE, EA, EB, W, M, DV, TOK, scale,
         k = _load_rows(KE, bh, rows, rm, M, F, offs_f, all_f, False)
         kt = _load_rows(KE, bh, rows, rm, M, F, offs_f, all_f, True)
         vt = _load_rows(VE, bh, rows, rm, M, DV, offs_v, mv, True)
-        dv, dkt = _state_grad_part(k, kt, vt, dl, el, first, eaB, ebB, wB, scale, True, PREC)
-        dv += d0
-        dv_, dkt_ = _state_grad_part(k, kt, vt, da_, ea_, first, eaA, ebA, wA, scale, False, PREC)
-        dv += dv_
-        dkt += dkt_
-        dv_, dkt_ = _state_grad_part(k, kt, vt, dc, ec, first, eaC, ebC, wC, scale, False, PREC)
-        dv += dv_
-        dkt += dkt_
-        dv_, dkt_ = _state_grad_part(k, kt, vt, db, eb_, first, eaB, ebB, wB, scale, False, PREC)
-        dv += dv_
-        dkt += dkt_
+        dv, dkt = _state_grad(d0, k, kt, vt, dl, el, da_, ea_, dc, ec, db, eb_, first,
+                              eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB, scale, PREC)
         tl.store(DVE + bh * M * DV + rows[:, None] * DV + offs_v[None, :], dv.to(DVE.dtype.element_ty), mask=rm[:, None] & mv[None, :])
         tl.store(DKE + ((pv * BH + bh) * M + rows[None, :]) * F + offs_f[:, None], dkt.to(DKE.dtype.element_ty), mask=rm[None, :])
 
