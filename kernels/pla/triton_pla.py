@@ -22,7 +22,7 @@ Kernels (one program per (batch*head, dv block, sequence split); sequential over
                    state gradients (k -> q, v -> dnum, w -> dden)
   _fwd_kernel      chunked causal Taylor linear attention over one split from its initial state;
                    stores y, the normaliser, and (prefill) the final state
-  _dden_kernel     d loss / d normaliser (only with several dv blocks; else fused into the dq scan)
+  _dden_kernel     d loss / d normaliser = -(dy . y) / den (memory-bound pass before the two scans)
   _bwd_dq_kernel   forward scan again for dq
   _bwd_dkv_kernel  reverse scan for dk, dv from the state gradient of all later splits; split 0 stores
                    the total state gradient dS for the encoder
@@ -381,9 +381,8 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, EA, EB, W, N, DV,
         num, den, sb, zb = _scan_part(q, kt, v, w, num, den, sb, zb, eaB, ebB, wB, scale, False, PREC)
         y = num / den[:, None]
         tl.store(Y + bh * N * DV + rows[:, None] * DV + offs_v[None, :], y.to(Y.dtype.element_ty), mask=rm[:, None] & mv[None, :])
-        if STORE_DEN:
-            if pv == 0:
-                tl.store(DEN + bh * N + rows, den, mask=rm)
+        if STORE_DEN:  # every dv block computes the same den: no pv == 0 branch (it costs ~20% of the loop)
+            tl.store(DEN + bh * N + rows, den, mask=rm)
     if STORE_STATE:
         if sp == tl.num_programs(2) - 1:
             _store_state(S_OUT, Z_OUT, bh, s0, z0, sl, zl, sa, za, sc, zc, sb, zb, offs_v, mv, DV, F, pv == 0)
@@ -404,10 +403,9 @@ def _dden_kernel(DY, Y, DEN, DDEN, ROWS, DV, BR: tl.constexpr, BV: tl.constexpr)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, Y, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, DV, TOK, scale,
-                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, FUSE_DDEN: tl.constexpr):
-    """Forward scan over split sp from its initial state for dq. FUSE_DDEN (one dv block): also computes
-    and stores dden = -(dy . y) / den for the dk/dv scan (else DDEN is an input)."""
+def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, DV, TOK, scale,
+                   F: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """Forward scan over split sp from its initial state for dq."""
     bh = tl.program_id(0)
     pv = tl.program_id(1)
     sp = tl.program_id(2)
@@ -433,12 +431,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Y, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, 
         v = _load_rows(V, bh, rows, rm, N, DV, offs_v, mv, False)
         do = _load_rows(DO, bh, rows, rm, N, DV, offs_v, mv, False).to(tl.float32)
         den = tl.load(DEN + bh * N + rows, mask=rm, other=1.)
-        if FUSE_DDEN:
-            y = _load_rows(Y, bh, rows, rm, N, DV, offs_v, mv, False).to(tl.float32)
-            dden = -tl.sum(do * y, axis=1) / den
-            tl.store(DDEN + bh * N + rows, dden, mask=rm)
-        else:
-            dden = tl.load(DDEN + bh * N + rows, mask=rm, other=0.) * first
+        dden = tl.load(DDEN + bh * N + rows, mask=rm, other=0.) * first
         dnum = (do / den[:, None]).to(DT)
         # within the chunk: dA_ij = dnum_i . v_j + dden_i ; ds = dA (1 + s)
         s = tl.dot(q, kt, input_precision=PREC) * sc2
@@ -605,12 +598,13 @@ def _cfg(dv, kind):
 
 _CFG_DEFAULT = {"fwd": dict(C=64, BV=64, num_warps=4, num_stages=1, waves=1),
                 "dq": dict(C=32, BV=64, num_warps=4, num_stages=2),
-                "dkv": dict(C=32, BV=64, num_warps=4, num_stages=2, waves=1),
+                "dkv": dict(C=32, BV=64, num_warps=4, num_stages=3, waves=1),
                 "enc": dict(C=64, BV=64, num_warps=4, num_stages=1),
                 "red": dict(C=128, BV=64, num_warps=4, num_stages=1)}
 # Chosen on an H100 (triton 3.6) at B=16, H=16, N=8192 (docs/PERFORMANCE.md): 4 warps everywhere (8 warps:
 # 1.5-2x slower, and an 8-warp backward of an earlier design read shared memory out of bounds inside
-# Triton-generated code); maxnreg=128 (for occupancy) 2-3x slower from spills.
+# Triton-generated code); maxnreg=128 (for occupancy) 2-3x slower from spills; dk/dv 3 stages: fwd+bwd 5.46 vs
+# 5.65 ms with 2.
 _CFG: dict = {}
 _INTERPRET_C = 16  # chunk under TRITON_INTERPRET (CPU tests)
 _FORCE_SPLIT_TOK = None  # tests: force this many tokens per sequence split (rounded up to the chunk)
@@ -761,8 +755,7 @@ class PLATriton(torch.autograd.Function):
         sel = _selection(q.dtype, q.device)
         scale = F ** -0.25
         dden = torch.empty_like(den)
-        fuse_dden = nq == 1  # the dq scan computes dden when it sees all of dv
-        if N > 0 and not fuse_dden:
+        if N > 0:  # separate pass: computing it in the dq scan made that scan 0.4 ms slower at 8k (H100)
             _dden_kernel[(triton.cdiv(BH * N, 64),)](dy, y, den, dden, BH * N, DV, BR=64, BV=triton.next_power_of_2(DV))
         dq = _partials(nq, (B, H, N, F), q)
         dk = _partials(nk, (B, H, N, F), k)
@@ -772,8 +765,8 @@ class PLATriton(torch.autograd.Function):
         if N > 0:
             tok, P = _split(N, max(_chunk(cq), _chunk(ck)), BH * nk, ck.get("waves", 0), q.device)
             S_init, Z_init = _prefix_states(k, v, Se, Ze, tok, P)
-            _bwd_dq_kernel[(BH, nq, P)](q, k, v, dy, y, den, dden, S_init, Z_init, dq, *sel, N, DV, tok, scale,
-                                        FUSE_DDEN=fuse_dden, **_kernel_opts(cq, F, q.dtype))
+            _bwd_dq_kernel[(BH, nq, P)](q, k, v, dy, den, dden, S_init, Z_init, dq, *sel, N, DV, tok, scale,
+                                        **_kernel_opts(cq, F, q.dtype))
             del S_init, Z_init
             if P > 1:
                 # state gradient from all later splits: reverse exclusive sum of per-split sums of
