@@ -293,6 +293,15 @@ def _state_grad(dv, k, kt, vt, dl, el, da, ea, dc, ec, db, eb, first, eaA, ebA, 
 
 
 @triton.jit
+def _tile_offsets(pv, DV, C: tl.constexpr, F: tl.constexpr, BV: tl.constexpr):
+    """Offsets of a chunk program: chunk rows [C], feature columns [F] (+ all-true mask), the columns of
+    dv block pv [BV] and their mask."""
+    offs_f = tl.arange(0, F)
+    offs_v = pv * BV + tl.arange(0, BV)
+    return tl.arange(0, C), offs_f, offs_f < F, offs_v, offs_v < DV
+
+
+@triton.jit
 def _load_rows(X, bh, rows, rm, N, WIDTH, offs, mo, TRANS: tl.constexpr):
     """Tile of X [BH, N, WIDTH] at token rows (masked rows and columns read 0): [C, W] or, TRANS, [W, C]."""
     base = X + bh * N * WIDTH
@@ -313,11 +322,7 @@ def _reduce_kernel(K, V, WGT, PS, PZ, EA, EB, W, M, DV, TOK_PER_SPLIT, SP0, scal
     pv = tl.program_id(1)
     sp = tl.program_id(2)
     BH = tl.num_programs(0)
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    all_f = offs_f < F
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
+    offs_c, offs_f, all_f, offs_v, mv = _tile_offsets(pv, DV, C, F, BV)
     eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     s0, z0, sl, zl, sa, za, sc, zc, sb, zb = _zero_state(BV, F)
     start = (sp + SP0) * TOK_PER_SPLIT
@@ -353,11 +358,7 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, EA, EB, W, N, DV,
     end = tl.minimum(start + TOK, N)
     DT = Q.dtype.element_ty
     sc2 = scale * scale
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    all_f = offs_f < F
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
+    offs_c, offs_f, all_f, offs_v, mv = _tile_offsets(pv, DV, C, F, BV)
     eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     s0, z0, sl, zl, sa, za, sc, zc, sb, zb = _load_state(S_INIT, Z_INIT, sp * BH + bh, offs_v, mv, DV, F)
     for c0 in range(start, end, C):
@@ -414,11 +415,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DEN, DDEN, S_INIT, Z_INIT, DQ, EA, EB, W, N, DV,
     end = tl.minimum(start + TOK, N)
     DT = Q.dtype.element_ty
     sc2 = scale * scale
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    all_f = offs_f < F
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
+    offs_c, offs_f, all_f, offs_v, mv = _tile_offsets(pv, DV, C, F, BV)
     eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     first = (pv == 0).to(tl.float32)  # the normaliser's terms are added by one dv block only
     _, _, sl, zl, sa, za, sc, zc, sb, zb = _load_state(S_INIT, Z_INIT, sp * BH + bh, offs_v, mv, DV, F)
@@ -463,11 +460,7 @@ def _bwd_dkv_kernel(Q, K, V, DO, DEN, DDEN, DK, DVO, DS, DZ, DS_INIT, DZ_INIT, E
     end = tl.minimum(start + TOK, N)
     DT = Q.dtype.element_ty
     sc2 = scale * scale
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    all_f = offs_f < F
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
+    offs_c, offs_f, all_f, offs_v, mv = _tile_offsets(pv, DV, C, F, BV)
     eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     first = (pv == 0).to(tl.float32)
     if HAS_INIT:
@@ -521,11 +514,7 @@ def _bwd_enc_kernel(KE, VE, DS, DZ, DKE, DVE, EA, EB, W, M, DV, TOK, scale,
     sp = tl.program_id(1)
     pv = tl.program_id(2)
     BH = tl.num_programs(0)
-    offs_c = tl.arange(0, C)
-    offs_f = tl.arange(0, F)
-    all_f = offs_f < F
-    offs_v = pv * BV + tl.arange(0, BV)
-    mv = offs_v < DV
+    offs_c, offs_f, all_f, offs_v, mv = _tile_offsets(pv, DV, C, F, BV)
     eaA, ebA, wA, eaC, ebC, wC, eaB, ebB, wB = _selections(EA, EB, W, F)
     first = (pv == 0).to(tl.float32)
     d0, _, dl, el, da_, ea_, dc, ec, db, eb_ = _load_state(DS, DZ, bh, offs_v, mv, DV, F)
