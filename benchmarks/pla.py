@@ -183,6 +183,11 @@ def main():
         with torch.no_grad():
             row["pla_fwd"] = ms(lambda: T.pla_triton(*x))
             row["pla_prefill"] = ms(lambda: T.pla_prefill_triton(*x))
+            if T._gluon(x[0], x[2]) is not None:  # baseline: the Triton kernels the Gluon ones replace here
+                T._GLUON = False
+                row["triton_only_fwd"] = ms(lambda: T.pla_triton(*x))
+                row["triton_only_prefill"] = ms(lambda: T.pla_prefill_triton(*x))
+                T._GLUON = True
         f, a = sdpa_fn(N)
         with torch.no_grad():
             row["sdpa_fwd"] = ms(lambda: f(*a))

@@ -28,6 +28,8 @@ Kernels (one program per (batch*head, dv block, sequence split); sequential over
                    the total state gradient dS for the encoder
   _bwd_enc_kernel  dk_enc, dv_enc from dS (parallel over the prefix)
   _decode_kernel   one-token state update + readout in the public layout, fused over heads, in place
+On an H100 with bf16 and dv = 64, _fwd_kernel and the (unweighted) _reduce_kernel are replaced by the Gluon
+kernels of gluon_pla.py (same packed state in and out); the backward scans stay these.
 Sequence split: P splits per sequence (config "waves": aim for waves x SM-count programs; P = 1 once
 B*H fills the GPU). Initial states of the splits: fp32 exclusive cumsum over per-split sums.
 dq and dk sum over dv blocks: with several blocks each writes an fp32 partial and torch sums them.
@@ -649,9 +651,26 @@ def _prefix_split(M, C, programs, device):
     return tok, triton.cdiv(M, tok)
 
 
+_GLUON = True  # use the Hopper kernels of gluon_pla where they apply (tests switch them off to compare)
+
+
+def _gluon(q, v):
+    """The Gluon module (kernels/pla/gluon_pla.py) when its kernels apply to these inputs, else None."""
+    if not (_GLUON and q.is_cuda):
+        return None
+    try:
+        from kernels.pla import gluon_pla
+    except ImportError:  # a Triton without Gluon
+        return None
+    return gluon_pla if gluon_pla.supported(q, v) else None
+
+
 def _reduce(k, v, w, tok, nsplit, sp0):
     """Per-split packed state sums: slot j holds tokens of split j + sp0:
     S [nsplit, BH, 161, DV] = sum phi(k) v^T, z [nsplit, BH, 161] = sum phi(k) w (w = 1 when None)."""
+    G = _gluon(k, v)
+    if G is not None and w is None and sp0 == 0:
+        return G.reduce_states(k, v, tok, nsplit)
     B, H, M, F = k.shape
     DV = v.shape[-1]
     BH = B * H
@@ -702,7 +721,8 @@ def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
     B, H, N, F = q.shape
     DV = v.shape[-1]
     cfg = _cfg(DV, "fwd")
-    BV, C = cfg["BV"], _chunk(cfg)
+    G = _gluon(q, v)
+    BV, C = (DV, G.CHUNK) if G is not None else (cfg["BV"], _chunk(cfg))
     nv = triton.cdiv(DV, BV)
     Se, Ze = _encoder(k_enc, v_enc)
     y = torch.empty_like(v)
@@ -712,10 +732,13 @@ def _forward(q, k, v, k_enc, v_enc, eps, store_den, store_state):
     if N > 0:
         tok, P = _split(N, C, B * H * nv, cfg.get("waves", 0), q.device)
         S_init, Z_init = _prefix_states(k, v, Se, Ze, tok, P)
-        _fwd_kernel[(B * H, nv, P)](q, k, v, S_init, Z_init, y, den, S_out, Z_out, *_selection(q.dtype, q.device),
-                                    N, DV, tok, F ** -0.25, eps, F=F, C=C, BV=BV, PREC=_prec(q.dtype),
-                                    STORE_DEN=store_den, STORE_STATE=store_state,
-                                    **_launch_opts(cfg))
+        if G is not None:
+            G.forward_scan(q, k, v, S_init, Z_init, y, den, S_out, Z_out, tok, P, eps, store_den, store_state)
+        else:
+            _fwd_kernel[(B * H, nv, P)](q, k, v, S_init, Z_init, y, den, S_out, Z_out,
+                                        *_selection(q.dtype, q.device), N, DV, tok, F ** -0.25, eps, F=F, C=C,
+                                        BV=BV, PREC=_prec(q.dtype), STORE_DEN=store_den,
+                                        STORE_STATE=store_state, **_launch_opts(cfg))
     elif store_state:
         S_out.copy_(Se), Z_out.copy_(Ze)
     return y, den, Se, Ze, S_out, Z_out

@@ -1,0 +1,434 @@
+"""Hopper (sm_90) PLA kernels in Gluon: the state reduction and the forward scan, dv = 64, bf16.
+
+Why a second implementation: the Triton scans are latency bound (255 registers with spills, every wgmma
+waited for at once; docs/PERFORMANCE.md). Gluon (triton.experimental.gluon) gives explicit shared memory,
+layouts and asynchronous wgmma: the chunk's inputs arrive by cp.async one chunk ahead, and the state update
+runs on the tensor cores while the readout's features are built.
+
+Features (one head, f = 16) are built as in triton_pla, with one-hot selection MMAs, in three row parts of
+64: part 0 / 1 = quadratic pairs 0..63 / 64..127, part 2 = pairs 128..143 (rows 0..15), the linear rows
+(16..31) and the constant row (32):
+    g_r(x) = (x E_A + c_A)_r (x E_B + c_B)_r,
+with c_A = 1 on the linear and constant rows and c_B = 1 on the constant row, added by one more MMA with a
+tile of ones (E_A is zero on those rows, so the linear feature is x_b). The kernels keep the state as
+    S_r = W_r^2 sum g_r(k) v^T   (= W_r x triton_pla's packed row r),
+so the readout is g(q) S with no weights. W_r^2 (1/16, 1/32, 1/4, 1) is a power of two, so it is folded
+exactly into the key-side E_A and c_A. The state is converted to and from the packed layout (161 rows, rows
+weighted by W_r) only when it is loaded or stored (ROWMAP: packed row of a part row, -1 = padding).
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
+                                                               warpgroup_mma_wait)
+
+from kernels.pla import triton_pla as T
+
+DV_GLUON = 64
+CHUNK = 64
+_R = 64  # state rows per part
+_PARTS = 3
+_CONST_ROW = gl.constexpr(16 + T.F_SUPPORTED)  # row of part 2 that holds the constant feature
+# Selection matrices (as E^T [64, f]) in shared memory: query-side E_A, E_B of parts 0..2 at 2p, 2p + 1
+# (E_B is shared by both sides), key-side E_A x W^2 at 6 + p; c_A, c_B, W^2 c_A in column 0 at 9, 10, 11.
+_SEL_Q_A, _SEL_B, _SEL_K_A = gl.constexpr(0), gl.constexpr(1), gl.constexpr(6)
+_SEL_CA, _SEL_CB, _SEL_K_CA, _N_SEL = gl.constexpr(9), gl.constexpr(10), gl.constexpr(11), 12
+
+
+# Layouts (one warpgroup of 4 warps): wgmma accumulators of [64, 64] / [64, 16] / [64, 32] tiles, register
+# A operands of MMAs into MMA / MMA16, and blocked layouts of the [C, 16] and [C, 64] input tiles.
+MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
+MMA16 = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
+MMA32 = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 32, 16]))
+AOP = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=2))
+AOP16 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA16.value, k_width=2))
+ROW = gl.constexpr(gl.SliceLayout(1, MMA.value))
+COL = gl.constexpr(gl.SliceLayout(0, MMA.value))
+BLK_F = gl.constexpr(gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0]))
+BLK_V = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+
+
+def supported(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Gluon kernels run: a Hopper GPU, bf16 inputs, f = 16 and dv = 64 (else the Triton kernels). Not fp16:
+    the readout reads the state and z in the input dtype, and z counts tokens (fp16 overflows at 65504)."""
+    return (q.is_cuda and not T._interpret() and torch.cuda.get_device_capability(q.device) == (9, 0)
+            and q.dtype == torch.bfloat16 and q.shape[-1] == T.F_SUPPORTED and v.shape[-1] == DV_GLUON)
+
+
+# ----------------------------------------------------------------------------- tables
+def part_tables(F: int = T.F_SUPPORTED):
+    """Selection matrices SEL [12, 64, F] (see _SEL_*), row weights W [3, 64] and ROWMAP [3, 64] (packed row
+    or -1), fp32 on the CPU."""
+    ab = T._pairs()
+    ea = torch.zeros(_PARTS, _R, F)
+    eb = torch.zeros(_PARTS, _R, F)
+    ca = torch.zeros(_R)
+    cb = torch.zeros(_R)
+    W = torch.ones(_PARTS, _R, dtype=torch.float64)  # W^2 rounds to the exact power of two in fp32
+    ROWMAP = torch.full((_PARTS, _R), -1, dtype=torch.int32)
+    for p in range(_PARTS):
+        for r in range(_R):
+            t = _R * p + r
+            if p < 2 or r < 16:  # quadratic rows (or the packed layout's padding rows: zero features, W = 1)
+                a, b = ab[t]
+                if T._pair_weight(a, b, t):
+                    ea[p, r, a] = eb[p, r, b] = 1.
+                    W[p, r] = T._pair_weight(a, b, t)
+                ROWMAP[p, r] = 1 + F + t
+            elif r < _CONST_ROW:
+                eb[p, r, r - 16] = 1.
+                ca[r] = 1.
+                W[p, r] = F ** -0.25
+                ROWMAP[p, r] = 1 + (r - 16)
+            elif r == _CONST_ROW:
+                ca[r] = cb[r] = 1.
+                ROWMAP[p, r] = 0
+    W2 = (W * W).float()
+    SEL = torch.zeros(_N_SEL, _R, F)
+    SEL[0:6:2] = ea
+    SEL[1:6:2] = eb
+    SEL[6:9] = ea * W2[:, :, None]
+    SEL[9, :, 0] = ca
+    SEL[10, :, 0] = cb
+    SEL[11, :, 0] = ca * W2[2]
+    return SEL, W.float(), ROWMAP
+
+
+_TABLES: dict = {}
+
+
+def _tables(dtype, device):
+    key = (dtype, str(device))
+    if key not in _TABLES:
+        SEL, W, ROWMAP = part_tables()
+        _TABLES[key] = (SEL.to(device=device, dtype=dtype).contiguous(), W.to(device).contiguous(),
+                        ROWMAP.to(device).contiguous())
+    return _TABLES[key]
+
+
+# ----------------------------------------------------------------------------- shared memory, loads, state
+@gluon.jit
+def _smem(DT: gl.constexpr, shape: gl.constexpr):
+    """Shared memory for wgmma operands; the leading dim of a 3-d shape counts stages or parts."""
+    tile: gl.constexpr = [shape[len(shape) - 2], shape[len(shape) - 1]]
+    return gl.allocate_shared_memory(DT, shape, gl.NVMMASharedLayout.get_default_for(tile, DT))
+
+
+@gluon.jit
+def _constant_smem(SEL, DT: gl.constexpr, BLK: gl.constexpr):
+    """In shared memory: the selection matrices; a [64, 16] tile of ones (the constant input of c_A, c_B);
+    column tiles e01 (ones in columns 0, 1: z, kept twice for its hi/lo split) and e0 (ones in column 0)."""
+    sel = _smem(DT, [12, 64, 16])
+    r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
+    f = gl.arange(0, 16, layout=gl.SliceLayout(0, BLK))
+    for i in gl.static_range(12):
+        sel.index(i).store(gl.load(SEL + (i * 64 + r[:, None]) * 16 + f[None, :]))
+    ones = _smem(DT, [64, 16])
+    ones.store(gl.full([64, 16], 1.0, DT, BLK))
+    col = f[None, :] + 0 * r[:, None]
+    e01 = _smem(DT, [64, 16])
+    e01.store((col < 2).to(DT))
+    e0 = _smem(DT, [64, 16])
+    e0.store((col == 0).to(DT))
+    return sel, ones, e01, e0
+
+
+@gluon.jit
+def _copy_rows(dst, X, row0, end, WIDTH: gl.constexpr, C: gl.constexpr, LAYOUT: gl.constexpr):
+    """cp.async rows [row0, row0 + C) of a [*, WIDTH] matrix into dst (rows >= end: zeros)."""
+    rows = row0 + gl.arange(0, C, layout=gl.SliceLayout(1, LAYOUT))
+    cols = gl.arange(0, WIDTH, layout=gl.SliceLayout(0, LAYOUT))
+    async_copy.async_copy_global_to_shared(dst, X + rows[:, None] * WIDTH + cols[None, :],
+                                           mask=(rows < end)[:, None])
+
+
+@gluon.jit
+def _rows(slot, ROWMAP, W, p: gl.constexpr, L: gl.constexpr):
+    """Part p's rows in packed state slot `slot` (layout L): offsets into z, the row mask, the row weights."""
+    offs = p * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, L))
+    row = gl.load(ROWMAP + offs)
+    return slot * 161 + row, row >= 0, gl.load(W + offs)
+
+
+@gluon.jit
+def _load_state(S, Z, slot, ROWMAP, W, p: gl.constexpr, MMA: gl.constexpr, MMA16: gl.constexpr):
+    """Part p of a packed state slot in the kernels' scaling (x W_r): S [64, 64] and z in columns 0, 1 of a
+    [64, 16] tile, both as MMA accumulators."""
+    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA)
+    s = gl.load(S + zoff[:, None] * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, MMA))[None, :],
+                mask=ok[:, None], other=0.) * w[:, None]
+    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA16)
+    z = gl.load(Z + zoff, mask=ok, other=0.) * w
+    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))
+    return warpgroup_mma_init(s), warpgroup_mma_init(gl.where(col[None, :] < 2, z[:, None], 0.))
+
+
+@gluon.jit
+def _store_state(S, Z, slot, s, zt, ROWMAP, W, p: gl.constexpr, MMA: gl.constexpr, MMA16: gl.constexpr):
+    """Inverse of _load_state."""
+    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA)
+    gl.store(S + zoff[:, None] * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, MMA))[None, :], s / w[:, None],
+             mask=ok[:, None])
+    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA16)
+    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))
+    gl.store(Z + zoff, gl.sum(gl.where(col[None, :] == 0, zt, 0.), axis=1) / w, mask=ok)
+
+
+@gluon.jit
+def _drop_padding(zt2, n_pad, MMA16: gl.constexpr):
+    """Take the constant feature of n_pad zero-padded tokens (the ones tile gives them 1) off z of part 2."""
+    row = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA16))
+    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))
+    return zt2 - gl.where((row[:, None] == _CONST_ROW) & (col[None, :] < 2), n_pad.to(gl.float32), 0.)
+
+
+# ----------------------------------------------------------------------------- features and the state update
+# Feature MMAs write into dead tiles (use_acc=False: values not read) of an earlier feature: zero tiles would
+# be hoisted out of the loop as constants and kept live across it (registers, so wgmma serialisation). A tile
+# is only reused once every use of its value feeds an MMA issued earlier, so that no computation on it can be
+# scheduled after the reuse. Each chunk starts from zero tiles made from a loop variable (not hoistable).
+@gluon.jit
+def _half(smem, h: gl.constexpr):
+    """Rows [32 h, 32 h + 32) of a [64, *] shared tile."""
+    return smem.slice(h * 32, 32)
+
+
+@gluon.jit
+def _feat_pair(x, ea, eb, ca, cb, c_in, ga, gb, TRANS: gl.constexpr, WITH_C: gl.constexpr):
+    """x E_A (+ c_A) and x E_B (+ c_B), or transposed (TRANS: x is x^T, E^T x^T); c_in is the ones tile that
+    carries c_A, c_B. Written into the dead tiles ga, gb; waited for."""
+    if TRANS:
+        xa = warpgroup_mma(ea, x, ga, use_acc=False, is_async=True)
+        if WITH_C:
+            xa = warpgroup_mma(ca, c_in, xa, is_async=True)
+        xb = warpgroup_mma(eb, x, gb, use_acc=False, is_async=True)
+        if WITH_C:
+            xb = warpgroup_mma(cb, c_in, xb, is_async=True)
+    else:
+        xa = warpgroup_mma(x, ea, ga, use_acc=False, is_async=True)
+        if WITH_C:
+            xa = warpgroup_mma(c_in, ca, xa, is_async=True)
+        xb = warpgroup_mma(x, eb, gb, use_acc=False, is_async=True)
+        if WITH_C:
+            xb = warpgroup_mma(c_in, cb, xb, is_async=True)
+    return warpgroup_mma_wait(0, deps=(xa, xb))
+
+
+@gluon.jit
+def _key_feat(k, sel, ones, p: gl.constexpr, h: gl.constexpr, ga, gb, AOP: gl.constexpr):
+    """W^2 g(k)^T of part p for token half h [64 rows, 32 tokens], bf16, as an MMA operand; and the two dead
+    factor tiles."""
+    xa, xb = _feat_pair(_half(k, h).permute((1, 0)), sel.index(_SEL_K_A + p), sel.index(_SEL_B + 2 * p),
+                        sel.index(_SEL_K_CA), sel.index(_SEL_CB), _half(ones, h).permute((1, 0)), ga, gb, True,
+                        p == 2)
+    return gl.convert_layout((xa * xb).to(k.dtype), AOP), xa, xb
+
+
+@gluon.jit
+def _query_feat(q, sel, ones, p: gl.constexpr, h: gl.constexpr, ga, gb, AOP: gl.constexpr):
+    """g(q) of part p, row half h [C tokens, 32 rows], bf16, as an MMA operand; and the two dead factor tiles."""
+    xa, xb = _feat_pair(q, _half(sel.index(_SEL_Q_A + 2 * p), h).permute((1, 0)),
+                        _half(sel.index(_SEL_B + 2 * p), h).permute((1, 0)),
+                        _half(sel.index(_SEL_CA), h).permute((1, 0)), _half(sel.index(_SEL_CB), h).permute((1, 0)),
+                        ones, ga, gb, False, p == 2)
+    return gl.convert_layout((xa * xb).to(q.dtype), AOP), xa, xb
+
+
+@gluon.jit
+def _accumulate(fa, b, acc, b16, acc16, AOP16: gl.constexpr):
+    """Issue acc += fa b and acc16 += fa b16 (the normaliser's [64, 16] tile)."""
+    acc = warpgroup_mma(fa, b, acc, is_async=True)
+    acc16 = warpgroup_mma(gl.convert_layout(fa, AOP16), b16, acc16, is_async=True)
+    return acc, acc16
+
+
+@gluon.jit
+def _update_part(k, v, sel, ones, e01, p: gl.constexpr, t, zt, ga, gb, AOP: gl.constexpr, AOP16: gl.constexpr):
+    """Issue S_p += W^2 g(k)^T v and z_p += W^2 g(k)^T 1 for part p, by token halves (asynchronous)."""
+    for h in gl.static_range(2):
+        fa, ga, gb = _key_feat(k, sel, ones, p, h, ga, gb, AOP)
+        t, zt = _accumulate(fa, _half(v, h), t, _half(e01, h), zt, AOP16)
+    return t, zt, ga, gb
+
+
+@gluon.jit
+def _update(k, v, sel, ones, e01, t0, t1, t2, zt0, zt1, zt2, ga, gb, AOP: gl.constexpr, AOP16: gl.constexpr):
+    """Issue the chunk's state update from the waited states. Returns the new states and two dead tiles."""
+    s0, z0, ga, gb = _update_part(k, v, sel, ones, e01, 0, t0, zt0, ga, gb, AOP, AOP16)
+    s1, z1, ga, gb = _update_part(k, v, sel, ones, e01, 1, t1, zt1, ga, gb, AOP, AOP16)
+    s2, z2, ga, gb = _update_part(k, v, sel, ones, e01, 2, t2, zt2, ga, gb, AOP, AOP16)
+    return s0, s1, s2, z0, z1, z2, ga, gb
+
+
+# ----------------------------------------------------------------------------- reduction
+@gluon.jit
+def _reduce_kernel(K, V, SEL, W, ROWMAP, PS, PZ, M, TOK, C: gl.constexpr, num_warps: gl.constexpr):
+    """Packed state sum of tokens [sp * TOK, (sp + 1) * TOK) of head bh into slot sp * BH + bh."""
+    bh = gl.program_id(0)
+    sp = gl.program_id(1)
+    BH = gl.num_programs(0)
+    F: gl.constexpr = 16
+    DV: gl.constexpr = 64
+    DT: gl.constexpr = K.dtype.element_ty
+    sel, ones, e01, e0 = _constant_smem(SEL, DT, BLK_F)
+    k_buf = _smem(DT, [2, C, F])
+    v_buf = _smem(DT, [2, C, DV])
+    s0 = warpgroup_mma_init(gl.zeros([64, DV], gl.float32, MMA))
+    s1 = warpgroup_mma_init(gl.zeros([64, DV], gl.float32, MMA))
+    s2 = warpgroup_mma_init(gl.zeros([64, DV], gl.float32, MMA))
+    z0 = warpgroup_mma_init(gl.zeros([64, 16], gl.float32, MMA16))
+    z1 = warpgroup_mma_init(gl.zeros([64, 16], gl.float32, MMA16))
+    z2 = warpgroup_mma_init(gl.zeros([64, 16], gl.float32, MMA16))
+    ga = gl.zeros([64, 32], gl.float32, MMA32)  # dead tiles of the features (_feat_pair)
+    gb = gl.zeros([64, 32], gl.float32, MMA32)
+    start = sp * TOK
+    end = gl.minimum(start + TOK, M)
+    K = K + bh * M * F
+    V = V + bh * M * DV
+    _copy_rows(k_buf.index(0), K, start, end, F, C, BLK_F)
+    _copy_rows(v_buf.index(0), V, start, end, DV, C, BLK_V)
+    async_copy.commit_group()
+    for c0 in range(start, end, C):
+        i = (c0 - start) // C
+        async_copy.wait_group(0)
+        t0, t1, t2, u0, u1, u2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
+        fence_async_shared()
+        gl.thread_barrier()
+        _copy_rows(k_buf.index((i + 1) % 2), K, c0 + C, end, F, C, BLK_F)
+        _copy_rows(v_buf.index((i + 1) % 2), V, c0 + C, end, DV, C, BLK_V)
+        async_copy.commit_group()
+        s0, s1, s2, z0, z1, z2, ga, gb = _update(k_buf.index(i % 2), v_buf.index(i % 2), sel, ones, e01,
+                                                 t0, t1, t2, u0, u1, u2, ga, gb, AOP, AOP16)
+    async_copy.wait_group(0)
+    s0, s1, s2, z0, z1, z2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
+    z2 = _drop_padding(z2, gl.cdiv(end - start, C) * C - (end - start), MMA16)
+    slot = sp * BH + bh
+    _store_state(PS, PZ, slot, s0, z0, ROWMAP, W, 0, MMA, MMA16)
+    _store_state(PS, PZ, slot, s1, z1, ROWMAP, W, 1, MMA, MMA16)
+    _store_state(PS, PZ, slot, s2, z2, ROWMAP, W, 2, MMA, MMA16)
+
+
+# ----------------------------------------------------------------------------- forward scan
+@gluon.jit
+def _store_for_readout(t, zt, s_dst, z_dst, DT: gl.constexpr, MMA16: gl.constexpr):
+    """A waited state part into shared memory for the readout: S in bf16 and z split into hi + lo bf16
+    (columns 0 and 1), so that the normaliser keeps ~16 bits of z."""
+    s_dst.store(t.to(DT))
+    hi = zt.to(DT)
+    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))[None, :]
+    z_dst.store(gl.where(col == 0, hi, (zt - hi.to(gl.float32)).to(DT)))
+
+
+@gluon.jit
+def _readout(q, sel, ones, s_smem, z_smem, y, den, ga, gb, AOP: gl.constexpr, AOP16: gl.constexpr):
+    """Issue y += g(q) S and den += g(q) z from the state before the chunk (shared memory), part by part.
+    Returns y, den (waited) and two dead tiles."""
+    for p in gl.static_range(3):
+        for h in gl.static_range(2):
+            fa, ga, gb = _query_feat(q, sel, ones, p, h, ga, gb, AOP)
+            y, den = _accumulate(fa, _half(s_smem.index(p), h), y, _half(z_smem.index(p), h), den, AOP16)
+    y, den = warpgroup_mma_wait(0, deps=(y, den))
+    return y, den, ga, gb
+
+
+@gluon.jit
+def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N, TOK, eps,
+                C: gl.constexpr, STORE_DEN: gl.constexpr, STORE_STATE: gl.constexpr, num_warps: gl.constexpr):
+    """Chunked causal forward over split sp (tokens [sp * TOK, (sp + 1) * TOK)) of head bh from its initial
+    state (packed slot sp * BH + bh). Per chunk: the state goes to shared memory for the readout, the state
+    update is issued, then the intra-chunk attention and the readout. The next chunk's inputs arrive by
+    cp.async meanwhile. The last split stores the final state (prefill)."""
+    bh = gl.program_id(0)
+    sp = gl.program_id(1)
+    BH = gl.num_programs(0)
+    F: gl.constexpr = 16
+    DV: gl.constexpr = 64
+    DT: gl.constexpr = Q.dtype.element_ty
+    sel, ones, e01, e0 = _constant_smem(SEL, DT, BLK_F)
+    q_buf = _smem(DT, [2, C, F])
+    k_buf = _smem(DT, [2, C, F])
+    v_buf = _smem(DT, [2, C, DV])
+    s_smem = _smem(DT, [3, 64, DV])
+    z_smem = _smem(DT, [3, 64, 16])
+    slot = sp * BH + bh
+    s0, z0 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 0, MMA, MMA16)
+    s1, z1 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 1, MMA, MMA16)
+    s2, z2 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 2, MMA, MMA16)
+    start = sp * TOK
+    end = gl.minimum(start + TOK, N)
+    Q = Q + bh * N * F
+    K = K + bh * N * F
+    V = V + bh * N * DV
+    _copy_rows(q_buf.index(0), Q, start, end, F, C, BLK_F)
+    _copy_rows(k_buf.index(0), K, start, end, F, C, BLK_F)
+    _copy_rows(v_buf.index(0), V, start, end, DV, C, BLK_V)
+    async_copy.commit_group()
+    tok_r = gl.arange(0, C, layout=ROW)
+    tok_c = gl.arange(0, C, layout=COL)
+    for c0 in range(start, end, C):
+        i = (c0 - start) // C
+        async_copy.wait_group(0)
+        t0, t1, t2, u0, u1, u2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
+        _store_for_readout(t0, u0, s_smem.index(0), z_smem.index(0), DT, MMA16)
+        _store_for_readout(t1, u1, s_smem.index(1), z_smem.index(1), DT, MMA16)
+        _store_for_readout(t2, u2, s_smem.index(2), z_smem.index(2), DT, MMA16)
+        fence_async_shared()
+        gl.thread_barrier()
+        nxt = (i + 1) % 2
+        _copy_rows(q_buf.index(nxt), Q, c0 + C, end, F, C, BLK_F)
+        _copy_rows(k_buf.index(nxt), K, c0 + C, end, F, C, BLK_F)
+        _copy_rows(v_buf.index(nxt), V, c0 + C, end, DV, C, BLK_V)
+        async_copy.commit_group()
+        q = q_buf.index(i % 2)
+        k = k_buf.index(i % 2)
+        v = v_buf.index(i % 2)
+        # within the chunk: phi(q).phi(k) = 1 + s + s^2/2, causal (padded keys come after every valid query)
+        zero = (c0 - start).to(gl.float32) * 0.0  # fresh zero tiles (_feat_pair) that cannot be hoisted
+        a = warpgroup_mma(q, k.permute((1, 0)), gl.full([C, C], zero, gl.float32, MMA), use_acc=False, is_async=True)
+        a = warpgroup_mma_wait(0, deps=(a,))
+        s = a * 0.25
+        pa = gl.convert_layout(gl.where(tok_r[:, None] >= tok_c[None, :], 1.0 + s + 0.5 * s * s, 0.0).to(DT), AOP)
+        y = warpgroup_mma(pa, v, a, use_acc=False, is_async=True)
+        den = warpgroup_mma(gl.convert_layout(pa, AOP16), e0, gl.zeros([C, 16], gl.float32, MMA16), use_acc=False,
+                            is_async=True)
+        ga = gl.full([64, 32], zero, gl.float32, MMA32)
+        s0, s1, s2, z0, z1, z2, ga, gb = _update(k, v, sel, ones, e01, t0, t1, t2, u0, u1, u2, ga, ga, AOP, AOP16)
+        # from the state before the chunk
+        y, den, ga, gb = _readout(q, sel, ones, s_smem, z_smem, y, den, ga, gb, AOP, AOP16)
+        den = gl.convert_layout(gl.sum(den, axis=1), ROW) + eps
+        rows = c0 + tok_r
+        gl.store(Y + (bh * N + rows[:, None]) * DV + gl.arange(0, DV, layout=COL)[None, :],
+                 (y * (1.0 / den)[:, None]).to(DT), mask=(rows < end)[:, None])
+        if STORE_DEN:
+            gl.store(DEN + bh * N + rows, den, mask=rows < end)
+    async_copy.wait_group(0)
+    s0, s1, s2, z0, z1, z2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
+    if STORE_STATE:
+        if sp == gl.num_programs(1) - 1:
+            z2 = _drop_padding(z2, gl.cdiv(end - start, C) * C - (end - start), MMA16)
+            _store_state(S_OUT, Z_OUT, bh, s0, z0, ROWMAP, W, 0, MMA, MMA16)
+            _store_state(S_OUT, Z_OUT, bh, s1, z1, ROWMAP, W, 1, MMA, MMA16)
+            _store_state(S_OUT, Z_OUT, bh, s2, z2, ROWMAP, W, 2, MMA, MMA16)
+
+
+# ----------------------------------------------------------------------------- launchers
+def reduce_states(k: torch.Tensor, v: torch.Tensor, tok: int, nsplit: int):
+    """Per-split packed sums of (k, v) [B, H, M, *] (split j: tokens [j * tok, (j + 1) * tok)):
+    S [nsplit, BH, 161, 64], z [nsplit, BH, 161]."""
+    B, H, M, _ = k.shape
+    BH = B * H
+    PS = torch.empty(nsplit, BH, T.D_PACKED, DV_GLUON, device=k.device, dtype=torch.float32)
+    PZ = torch.empty(nsplit, BH, T.D_PACKED, device=k.device, dtype=torch.float32)
+    _reduce_kernel[(BH, nsplit)](k, v, *_tables(k.dtype, k.device), PS, PZ, M, tok, C=CHUNK, num_warps=4)
+    return PS, PZ
+
+
+def forward_scan(q, k, v, S_init, Z_init, y, den, S_out, Z_out, tok: int, nsplit: int, eps: float,
+                 store_den: bool, store_state: bool) -> None:
+    """_fwd_kernel over B*H heads and nsplit sequence splits of tok tokens (initial states: packed slots)."""
+    B, H, N, _ = q.shape
+    _fwd_kernel[(B * H, nsplit)](q, k, v, S_init, Z_init, y, den, S_out, Z_out, *_tables(q.dtype, q.device),
+                                 N, tok, eps, C=CHUNK, STORE_DEN=store_den, STORE_STATE=store_state, num_warps=4)
