@@ -2,8 +2,9 @@
 
 Why a second implementation: the Triton scans are latency bound (255 registers with spills, every wgmma
 waited for at once; docs/PERFORMANCE.md). Gluon (triton.experimental.gluon) gives explicit shared memory,
-layouts and asynchronous wgmma: the chunk's inputs arrive by cp.async one chunk ahead, and the state update
-runs on the tensor cores while the readout's features are built.
+layouts and asynchronous wgmma: the chunk's inputs arrive by cp.async one chunk ahead, no tile spills, and
+z and the normaliser come out of MMAs. (ptxas still serialises the wgmmas for lack of registers, so they do
+not yet overlap the elementwise work; docs/PERFORMANCE.md has the numbers and what is next.)
 
 Features (one head, f = 16) are built as in triton_pla, with one-hot selection MMAs, in three row parts of
 64: part 0 / 1 = quadratic pairs 0..63 / 64..127, part 2 = pairs 128..143 (rows 0..15), the linear rows
@@ -14,7 +15,7 @@ tile of ones (E_A is zero on those rows, so the linear feature is x_b). The kern
     S_r = W_r^2 sum g_r(k) v^T   (= W_r x triton_pla's packed row r),
 so the readout is g(q) S with no weights. W_r^2 (1/16, 1/32, 1/4, 1) is a power of two, so it is folded
 exactly into the key-side E_A and c_A. The state is converted to and from the packed layout (161 rows, rows
-weighted by W_r) only when it is loaded or stored (ROWMAP: packed row of a part row, -1 = padding).
+weighted by W_r) only when it is loaded or stored (ROWMAP: packed row of a part row, -1 = unused).
 """
 from __future__ import annotations
 
