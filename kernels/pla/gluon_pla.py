@@ -179,11 +179,15 @@ def _store_state(S, Z, slot, s, zt, ROWMAP, W, p: gl.constexpr, MMA: gl.constexp
 
 
 @gluon.jit
-def _drop_padding(zt2, n_pad, MMA16: gl.constexpr):
-    """Take the constant feature of n_pad zero-padded tokens (the ones tile gives them 1) off z of part 2."""
+def _store_parts(S, Z, slot, s0, s1, s2, z0, z1, z2, n_pad, ROWMAP, W):
+    """A whole state (waited accumulators) into a packed slot, without the constant feature of the n_pad
+    zero-padded tokens of the last chunk (the ones tile gives them 1; it only reaches z of part 2)."""
     row = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA16))
     col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))
-    return zt2 - gl.where((row[:, None] == _CONST_ROW) & (col[None, :] < 2), n_pad.to(gl.float32), 0.)
+    z2 = z2 - gl.where((row[:, None] == _CONST_ROW) & (col[None, :] < 2), n_pad.to(gl.float32), 0.)
+    _store_state(S, Z, slot, s0, z0, ROWMAP, W, 0, MMA, MMA16)
+    _store_state(S, Z, slot, s1, z1, ROWMAP, W, 1, MMA, MMA16)
+    _store_state(S, Z, slot, s2, z2, ROWMAP, W, 2, MMA, MMA16)
 
 
 # ----------------------------------------------------------------------------- features and the state update
@@ -305,11 +309,8 @@ def _reduce_kernel(K, V, SEL, W, ROWMAP, PS, PZ, M, TOK, C: gl.constexpr, num_wa
                                                  t0, t1, t2, u0, u1, u2, ga, gb, AOP, AOP16)
     async_copy.wait_group(0)
     s0, s1, s2, z0, z1, z2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
-    z2 = _drop_padding(z2, gl.cdiv(end - start, C) * C - (end - start), MMA16)
-    slot = sp * BH + bh
-    _store_state(PS, PZ, slot, s0, z0, ROWMAP, W, 0, MMA, MMA16)
-    _store_state(PS, PZ, slot, s1, z1, ROWMAP, W, 1, MMA, MMA16)
-    _store_state(PS, PZ, slot, s2, z2, ROWMAP, W, 2, MMA, MMA16)
+    _store_parts(PS, PZ, sp * BH + bh, s0, s1, s2, z0, z1, z2, gl.cdiv(end - start, C) * C - (end - start),
+                 ROWMAP, W)
 
 
 # ----------------------------------------------------------------------------- forward scan
@@ -409,10 +410,8 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N
     s0, s1, s2, z0, z1, z2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
     if STORE_STATE:
         if sp == gl.num_programs(1) - 1:
-            z2 = _drop_padding(z2, gl.cdiv(end - start, C) * C - (end - start), MMA16)
-            _store_state(S_OUT, Z_OUT, bh, s0, z0, ROWMAP, W, 0, MMA, MMA16)
-            _store_state(S_OUT, Z_OUT, bh, s1, z1, ROWMAP, W, 1, MMA, MMA16)
-            _store_state(S_OUT, Z_OUT, bh, s2, z2, ROWMAP, W, 2, MMA, MMA16)
+            _store_parts(S_OUT, Z_OUT, bh, s0, s1, s2, z0, z1, z2, gl.cdiv(end - start, C) * C - (end - start),
+                         ROWMAP, W)
 
 
 # ----------------------------------------------------------------------------- launchers
