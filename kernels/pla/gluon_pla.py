@@ -2,9 +2,10 @@
 
 Why a second implementation: the Triton scans are latency bound (255 registers with spills, every wgmma
 waited for at once; docs/PERFORMANCE.md). Gluon (triton.experimental.gluon) gives explicit shared memory,
-layouts and asynchronous wgmma: the chunk's inputs arrive by cp.async one chunk ahead, no tile spills, and
-z and the normaliser come out of MMAs. (ptxas still serialises the wgmmas for lack of registers, so they do
-not yet overlap the elementwise work; docs/PERFORMANCE.md has the numbers and what is next.)
+layouts and asynchronous wgmma: the chunk's inputs arrive by cp.async one chunk ahead and no tile spills.
+z and the normaliser are fp32 sums in registers over the feature tiles that the S and y MMAs use (MMAs for
+them cost more time than the sums). (ptxas still serialises the wgmmas for lack of registers, so they do not
+yet overlap the elementwise work; docs/PERFORMANCE.md has the numbers and what is next.)
 
 Features (one head, f = 16) are built as in triton_pla, with one-hot selection MMAs, in three row parts of
 64: part 0 / 1 = quadratic pairs 0..63 / 64..127, part 2 = pairs 128..143 (rows 0..15), the linear rows
@@ -39,15 +40,16 @@ _SEL_Q_A, _SEL_B, _SEL_K_A = gl.constexpr(0), gl.constexpr(1), gl.constexpr(6)
 _SEL_CA, _SEL_CB, _SEL_K_CA, _N_SEL = gl.constexpr(9), gl.constexpr(10), gl.constexpr(11), 12
 
 
-# Layouts (one warpgroup of 4 warps): wgmma accumulators of [64, 64] / [64, 16] / [64, 32] tiles, register
-# A operands of MMAs into MMA / MMA16, and blocked layouts of the [C, 16] and [C, 64] input tiles.
+# Layouts (one warpgroup of 4 warps): wgmma accumulators of [64, 64] / [64, 32] tiles, register A operands
+# (AOP), row and column vectors of both (z sums the rows of key-side feature tiles, the readout's normaliser
+# weights the columns of query-side ones), and blocked layouts of the [C, 16] and [C, 64] input tiles.
 MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16]))
-MMA16 = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 16, 16]))
 MMA32 = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 32, 16]))
 AOP = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA.value, k_width=2))
-AOP16 = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=MMA16.value, k_width=2))
 ROW = gl.constexpr(gl.SliceLayout(1, MMA.value))
 COL = gl.constexpr(gl.SliceLayout(0, MMA.value))
+FROW = gl.constexpr(gl.SliceLayout(1, MMA32.value))
+FCOL = gl.constexpr(gl.SliceLayout(0, MMA32.value))
 BLK_F = gl.constexpr(gl.BlockedLayout([1, 8], [16, 2], [4, 1], [1, 0]))
 BLK_V = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
 
@@ -120,8 +122,7 @@ def _smem(DT: gl.constexpr, shape: gl.constexpr):
 
 @gluon.jit
 def _constant_smem(SEL, DT: gl.constexpr, BLK: gl.constexpr):
-    """In shared memory: the selection matrices; a [64, 16] tile of ones (the constant input of c_A, c_B);
-    column tiles e01 (ones in columns 0, 1: z, kept twice for its hi/lo split) and e0 (ones in column 0)."""
+    """In shared memory: the selection matrices and a [64, 16] tile of ones (the constant input of c_A, c_B)."""
     sel = _smem(DT, [12, 64, 16])
     r = gl.arange(0, 64, layout=gl.SliceLayout(1, BLK))
     f = gl.arange(0, 16, layout=gl.SliceLayout(0, BLK))
@@ -129,12 +130,7 @@ def _constant_smem(SEL, DT: gl.constexpr, BLK: gl.constexpr):
         sel.index(i).store(gl.load(SEL + (i * 64 + r[:, None]) * 16 + f[None, :]))
     ones = _smem(DT, [64, 16])
     ones.store(gl.full([64, 16], 1.0, DT, BLK))
-    col = f[None, :] + 0 * r[:, None]
-    e01 = _smem(DT, [64, 16])
-    e01.store((col < 2).to(DT))
-    e0 = _smem(DT, [64, 16])
-    e0.store((col == 0).to(DT))
-    return sel, ones, e01, e0
+    return sel, ones
 
 
 @gluon.jit
@@ -155,46 +151,38 @@ def _rows(slot, ROWMAP, W, p: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
-def _load_state(S, Z, slot, ROWMAP, W, p: gl.constexpr, MMA: gl.constexpr, MMA16: gl.constexpr):
-    """Part p of a packed state slot in the kernels' scaling (x W_r): S [64, 64] and z in columns 0, 1 of a
-    [64, 16] tile, both as MMA accumulators."""
-    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA)
-    s = gl.load(S + zoff[:, None] * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, MMA))[None, :],
-                mask=ok[:, None], other=0.) * w[:, None]
-    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA16)
-    z = gl.load(Z + zoff, mask=ok, other=0.) * w
-    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))
-    return warpgroup_mma_init(s), warpgroup_mma_init(gl.where(col[None, :] < 2, z[:, None], 0.))
+def _load_state(S, Z, slot, ROWMAP, W, p: gl.constexpr):
+    """Part p of a packed state slot in the kernels' scaling (x W_r): S [64, 64] as an MMA accumulator and z
+    [64] as a row vector of feature operands."""
+    off, ok, w = _rows(slot, ROWMAP, W, p, MMA)
+    s = gl.load(S + off[:, None] * 64 + gl.arange(0, 64, layout=COL)[None, :], mask=ok[:, None], other=0.)
+    off, ok, wz = _rows(slot, ROWMAP, W, p, MMA32)
+    return warpgroup_mma_init(s * w[:, None]), gl.load(Z + off, mask=ok, other=0.) * wz
 
 
 @gluon.jit
-def _store_state(S, Z, slot, s, zt, ROWMAP, W, p: gl.constexpr, MMA: gl.constexpr, MMA16: gl.constexpr):
+def _store_state(S, Z, slot, s, z, ROWMAP, W, p: gl.constexpr):
     """Inverse of _load_state."""
-    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA)
-    gl.store(S + zoff[:, None] * 64 + gl.arange(0, 64, layout=gl.SliceLayout(0, MMA))[None, :], s / w[:, None],
-             mask=ok[:, None])
-    zoff, ok, w = _rows(slot, ROWMAP, W, p, MMA16)
-    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))
-    gl.store(Z + zoff, gl.sum(gl.where(col[None, :] == 0, zt, 0.), axis=1) / w, mask=ok)
+    off, ok, w = _rows(slot, ROWMAP, W, p, MMA)
+    gl.store(S + off[:, None] * 64 + gl.arange(0, 64, layout=COL)[None, :], s / w[:, None], mask=ok[:, None])
+    off, ok, w = _rows(slot, ROWMAP, W, p, MMA32)
+    gl.store(Z + off, z / w, mask=ok)
 
 
 @gluon.jit
 def _store_parts(S, Z, slot, s0, s1, s2, z0, z1, z2, n_pad, ROWMAP, W):
     """A whole state (waited accumulators) into a packed slot, without the constant feature of the n_pad
     zero-padded tokens of the last chunk (the ones tile gives them 1; it only reaches z of part 2)."""
-    row = gl.arange(0, 64, layout=gl.SliceLayout(1, MMA16))
-    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))
-    z2 = z2 - gl.where((row[:, None] == _CONST_ROW) & (col[None, :] < 2), n_pad.to(gl.float32), 0.)
-    _store_state(S, Z, slot, s0, z0, ROWMAP, W, 0, MMA, MMA16)
-    _store_state(S, Z, slot, s1, z1, ROWMAP, W, 1, MMA, MMA16)
-    _store_state(S, Z, slot, s2, z2, ROWMAP, W, 2, MMA, MMA16)
+    z2 = z2 - gl.where(gl.arange(0, 64, layout=FROW) == _CONST_ROW, n_pad.to(gl.float32), 0.)
+    _store_state(S, Z, slot, s0, z0, ROWMAP, W, 0)
+    _store_state(S, Z, slot, s1, z1, ROWMAP, W, 1)
+    _store_state(S, Z, slot, s2, z2, ROWMAP, W, 2)
 
 
 # ----------------------------------------------------------------------------- features and the state update
-# Feature MMAs write into dead tiles (use_acc=False: values not read) of an earlier feature: zero tiles would
-# be hoisted out of the loop as constants and kept live across it (registers, so wgmma serialisation). A tile
-# is only reused once every use of its value feeds an MMA issued earlier, so that no computation on it can be
-# scheduled after the reuse. Each chunk starts from zero tiles made from a loop variable (not hoistable).
+# Feature MMAs start from a zero tile with use_acc=False, which compiles to a wgmma without input registers.
+# (Passing the registers of a dead feature tile instead gave wrong z and normaliser sums: ptxas let the fp32
+# sums read registers that the next feature wgmma was already writing.)
 @gluon.jit
 def _half(smem, h: gl.constexpr):
     """Rows [32 h, 32 h + 32) of a [64, *] shared tile."""
@@ -202,70 +190,65 @@ def _half(smem, h: gl.constexpr):
 
 
 @gluon.jit
-def _feat_pair(x, ea, eb, ca, cb, c_in, ga, gb, TRANS: gl.constexpr, WITH_C: gl.constexpr):
+def _feat_pair(x, ea, eb, ca, cb, c_in, TRANS: gl.constexpr, WITH_C: gl.constexpr):
     """x E_A (+ c_A) and x E_B (+ c_B), or transposed (TRANS: x is x^T, E^T x^T); c_in is the ones tile that
-    carries c_A, c_B. Written into the dead tiles ga, gb; waited for."""
+    carries c_A, c_B. Waited for."""
+    zero = gl.zeros([64, 32], gl.float32, MMA32)
     if TRANS:
-        xa = warpgroup_mma(ea, x, ga, use_acc=False, is_async=True)
+        xa = warpgroup_mma(ea, x, zero, use_acc=False, is_async=True)
         if WITH_C:
             xa = warpgroup_mma(ca, c_in, xa, is_async=True)
-        xb = warpgroup_mma(eb, x, gb, use_acc=False, is_async=True)
+        xb = warpgroup_mma(eb, x, zero, use_acc=False, is_async=True)
         if WITH_C:
             xb = warpgroup_mma(cb, c_in, xb, is_async=True)
     else:
-        xa = warpgroup_mma(x, ea, ga, use_acc=False, is_async=True)
+        xa = warpgroup_mma(x, ea, zero, use_acc=False, is_async=True)
         if WITH_C:
             xa = warpgroup_mma(c_in, ca, xa, is_async=True)
-        xb = warpgroup_mma(x, eb, gb, use_acc=False, is_async=True)
+        xb = warpgroup_mma(x, eb, zero, use_acc=False, is_async=True)
         if WITH_C:
             xb = warpgroup_mma(c_in, cb, xb, is_async=True)
     return warpgroup_mma_wait(0, deps=(xa, xb))
 
 
 @gluon.jit
-def _key_feat(k, sel, ones, p: gl.constexpr, h: gl.constexpr, ga, gb, AOP: gl.constexpr):
-    """W^2 g(k)^T of part p for token half h [64 rows, 32 tokens], bf16, as an MMA operand; and the two dead
-    factor tiles."""
+def _key_feat(k, sel, ones, p: gl.constexpr, h: gl.constexpr, AOP: gl.constexpr):
+    """W^2 g(k)^T of part p for token half h [64 rows, 32 tokens]: bf16 as an MMA operand, and fp32."""
     xa, xb = _feat_pair(_half(k, h).permute((1, 0)), sel.index(_SEL_K_A + p), sel.index(_SEL_B + 2 * p),
-                        sel.index(_SEL_K_CA), sel.index(_SEL_CB), _half(ones, h).permute((1, 0)), ga, gb, True,
-                        p == 2)
-    return gl.convert_layout((xa * xb).to(k.dtype), AOP), xa, xb
+                        sel.index(_SEL_K_CA), sel.index(_SEL_CB), _half(ones, h).permute((1, 0)), True, p == 2)
+    g = xa * xb
+    return gl.convert_layout(g.to(k.dtype), AOP), g
 
 
 @gluon.jit
-def _query_feat(q, sel, ones, p: gl.constexpr, h: gl.constexpr, ga, gb, AOP: gl.constexpr):
-    """g(q) of part p, row half h [C tokens, 32 rows], bf16, as an MMA operand; and the two dead factor tiles."""
+def _query_feat(q, sel, ones, p: gl.constexpr, h: gl.constexpr, AOP: gl.constexpr):
+    """g(q) of part p, row half h [C tokens, 32 rows]: bf16 as an MMA operand, and fp32."""
     xa, xb = _feat_pair(q, _half(sel.index(_SEL_Q_A + 2 * p), h).permute((1, 0)),
                         _half(sel.index(_SEL_B + 2 * p), h).permute((1, 0)),
                         _half(sel.index(_SEL_CA), h).permute((1, 0)), _half(sel.index(_SEL_CB), h).permute((1, 0)),
-                        ones, ga, gb, False, p == 2)
-    return gl.convert_layout((xa * xb).to(q.dtype), AOP), xa, xb
+                        ones, False, p == 2)
+    g = xa * xb
+    return gl.convert_layout(g.to(q.dtype), AOP), g
 
 
 @gluon.jit
-def _accumulate(fa, b, acc, b16, acc16, AOP16: gl.constexpr):
-    """Issue acc += fa b and acc16 += fa b16 (the normaliser's [64, 16] tile)."""
-    acc = warpgroup_mma(fa, b, acc, is_async=True)
-    acc16 = warpgroup_mma(gl.convert_layout(fa, AOP16), b16, acc16, is_async=True)
-    return acc, acc16
-
-
-@gluon.jit
-def _update_part(k, v, sel, ones, e01, p: gl.constexpr, t, zt, ga, gb, AOP: gl.constexpr, AOP16: gl.constexpr):
-    """Issue S_p += W^2 g(k)^T v and z_p += W^2 g(k)^T 1 for part p, by token halves (asynchronous)."""
+def _update_part(k, v, sel, ones, p: gl.constexpr, t, z, AOP: gl.constexpr):
+    """Issue S_p += W^2 g(k)^T v (asynchronous) and add W^2 g(k)^T 1 to z_p (fp32 registers), for part p, by
+    token halves."""
     for h in gl.static_range(2):
-        fa, ga, gb = _key_feat(k, sel, ones, p, h, ga, gb, AOP)
-        t, zt = _accumulate(fa, _half(v, h), t, _half(e01, h), zt, AOP16)
-    return t, zt, ga, gb
+        fa, g = _key_feat(k, sel, ones, p, h, AOP)
+        t = warpgroup_mma(fa, _half(v, h), t, is_async=True)
+        z += gl.sum(g, axis=1)
+    return t, z
 
 
 @gluon.jit
-def _update(k, v, sel, ones, e01, t0, t1, t2, zt0, zt1, zt2, ga, gb, AOP: gl.constexpr, AOP16: gl.constexpr):
-    """Issue the chunk's state update from the waited states. Returns the new states and two dead tiles."""
-    s0, z0, ga, gb = _update_part(k, v, sel, ones, e01, 0, t0, zt0, ga, gb, AOP, AOP16)
-    s1, z1, ga, gb = _update_part(k, v, sel, ones, e01, 1, t1, zt1, ga, gb, AOP, AOP16)
-    s2, z2, ga, gb = _update_part(k, v, sel, ones, e01, 2, t2, zt2, ga, gb, AOP, AOP16)
-    return s0, s1, s2, z0, z1, z2, ga, gb
+def _update(k, v, sel, ones, t0, t1, t2, z0, z1, z2, AOP: gl.constexpr):
+    """Issue the chunk's state update from the waited states (S asynchronous, z summed)."""
+    s0, z0 = _update_part(k, v, sel, ones, 0, t0, z0, AOP)
+    s1, z1 = _update_part(k, v, sel, ones, 1, t1, z1, AOP)
+    s2, z2 = _update_part(k, v, sel, ones, 2, t2, z2, AOP)
+    return s0, s1, s2, z0, z1, z2
 
 
 # ----------------------------------------------------------------------------- reduction
@@ -278,17 +261,15 @@ def _reduce_kernel(K, V, SEL, W, ROWMAP, PS, PZ, M, TOK, C: gl.constexpr, num_wa
     F: gl.constexpr = 16
     DV: gl.constexpr = 64
     DT: gl.constexpr = K.dtype.element_ty
-    sel, ones, e01, e0 = _constant_smem(SEL, DT, BLK_F)
+    sel, ones = _constant_smem(SEL, DT, BLK_F)
     k_buf = _smem(DT, [2, C, F])
     v_buf = _smem(DT, [2, C, DV])
     s0 = warpgroup_mma_init(gl.zeros([64, DV], gl.float32, MMA))
     s1 = warpgroup_mma_init(gl.zeros([64, DV], gl.float32, MMA))
     s2 = warpgroup_mma_init(gl.zeros([64, DV], gl.float32, MMA))
-    z0 = warpgroup_mma_init(gl.zeros([64, 16], gl.float32, MMA16))
-    z1 = warpgroup_mma_init(gl.zeros([64, 16], gl.float32, MMA16))
-    z2 = warpgroup_mma_init(gl.zeros([64, 16], gl.float32, MMA16))
-    ga = gl.zeros([64, 32], gl.float32, MMA32)  # dead tiles of the features (_feat_pair)
-    gb = gl.zeros([64, 32], gl.float32, MMA32)
+    z0 = gl.zeros([64], gl.float32, FROW)
+    z1 = gl.zeros([64], gl.float32, FROW)
+    z2 = gl.zeros([64], gl.float32, FROW)
     start = sp * TOK
     end = gl.minimum(start + TOK, M)
     K = K + bh * M * F
@@ -299,41 +280,32 @@ def _reduce_kernel(K, V, SEL, W, ROWMAP, PS, PZ, M, TOK, C: gl.constexpr, num_wa
     for c0 in range(start, end, C):
         i = (c0 - start) // C
         async_copy.wait_group(0)
-        t0, t1, t2, u0, u1, u2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
+        t0, t1, t2 = warpgroup_mma_wait(0, deps=(s0, s1, s2))
         fence_async_shared()
         gl.thread_barrier()
         _copy_rows(k_buf.index((i + 1) % 2), K, c0 + C, end, F, C, BLK_F)
         _copy_rows(v_buf.index((i + 1) % 2), V, c0 + C, end, DV, C, BLK_V)
         async_copy.commit_group()
-        s0, s1, s2, z0, z1, z2, ga, gb = _update(k_buf.index(i % 2), v_buf.index(i % 2), sel, ones, e01,
-                                                 t0, t1, t2, u0, u1, u2, ga, gb, AOP, AOP16)
+        s0, s1, s2, z0, z1, z2 = _update(k_buf.index(i % 2), v_buf.index(i % 2), sel, ones, t0, t1, t2, z0, z1, z2,
+                                         AOP)
     async_copy.wait_group(0)
-    s0, s1, s2, z0, z1, z2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
+    s0, s1, s2 = warpgroup_mma_wait(0, deps=(s0, s1, s2))
     _store_parts(PS, PZ, sp * BH + bh, s0, s1, s2, z0, z1, z2, gl.cdiv(end - start, C) * C - (end - start),
                  ROWMAP, W)
 
 
 # ----------------------------------------------------------------------------- forward scan
 @gluon.jit
-def _store_for_readout(t, zt, s_dst, z_dst, DT: gl.constexpr, MMA16: gl.constexpr):
-    """A waited state part into shared memory for the readout: S in bf16 and z split into hi + lo bf16
-    (columns 0 and 1), so that the normaliser keeps ~16 bits of z."""
-    s_dst.store(t.to(DT))
-    hi = zt.to(DT)
-    col = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA16))[None, :]
-    z_dst.store(gl.where(col == 0, hi, (zt - hi.to(gl.float32)).to(DT)))
-
-
-@gluon.jit
-def _readout(q, sel, ones, s_smem, z_smem, y, den, ga, gb, AOP: gl.constexpr, AOP16: gl.constexpr):
-    """Issue y += g(q) S and den += g(q) z from the state before the chunk (shared memory), part by part.
-    Returns y, den (waited) and two dead tiles."""
+def _readout(q, sel, ones, s_smem, z_smem, zc, y, den, AOP: gl.constexpr):
+    """Issue y += g(q) S (asynchronous) and add g(q) z to den (fp32 registers), from the state before the
+    chunk (shared memory: S in bf16, z in fp32 at zc + p), part by part. Returns y (waited) and den."""
     for p in gl.static_range(3):
         for h in gl.static_range(2):
-            fa, ga, gb = _query_feat(q, sel, ones, p, h, ga, gb, AOP)
-            y, den = _accumulate(fa, _half(s_smem.index(p), h), y, _half(z_smem.index(p), h), den, AOP16)
-    y, den = warpgroup_mma_wait(0, deps=(y, den))
-    return y, den, ga, gb
+            fa, g = _query_feat(q, sel, ones, p, h, AOP)
+            y = warpgroup_mma(fa, _half(s_smem.index(p), h), y, is_async=True)
+            den += gl.sum(g * z_smem.index(zc + p).slice(h * 32, 32).load(FCOL)[None, :], axis=1)
+    y = warpgroup_mma_wait(0, deps=(y,))
+    return y, den
 
 
 @gluon.jit
@@ -349,16 +321,17 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N
     F: gl.constexpr = 16
     DV: gl.constexpr = 64
     DT: gl.constexpr = Q.dtype.element_ty
-    sel, ones, e01, e0 = _constant_smem(SEL, DT, BLK_F)
+    sel, ones = _constant_smem(SEL, DT, BLK_F)
     q_buf = _smem(DT, [2, C, F])
     k_buf = _smem(DT, [2, C, F])
     v_buf = _smem(DT, [2, C, DV])
     s_smem = _smem(DT, [3, 64, DV])
-    z_smem = _smem(DT, [3, 64, 16])
+    # z at 4 (i % 2) + p: by chunk parity, as a warp may still read the last chunk's z while another stores
+    z_smem = gl.allocate_shared_memory(gl.float32, [8, 64], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     slot = sp * BH + bh
-    s0, z0 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 0, MMA, MMA16)
-    s1, z1 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 1, MMA, MMA16)
-    s2, z2 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 2, MMA, MMA16)
+    s0, z0 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 0)
+    s1, z1 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 1)
+    s2, z2 = _load_state(S_INIT, Z_INIT, slot, ROWMAP, W, 2)
     start = sp * TOK
     end = gl.minimum(start + TOK, N)
     Q = Q + bh * N * F
@@ -373,10 +346,14 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N
     for c0 in range(start, end, C):
         i = (c0 - start) // C
         async_copy.wait_group(0)
-        t0, t1, t2, u0, u1, u2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
-        _store_for_readout(t0, u0, s_smem.index(0), z_smem.index(0), DT, MMA16)
-        _store_for_readout(t1, u1, s_smem.index(1), z_smem.index(1), DT, MMA16)
-        _store_for_readout(t2, u2, s_smem.index(2), z_smem.index(2), DT, MMA16)
+        t0, t1, t2 = warpgroup_mma_wait(0, deps=(s0, s1, s2))
+        s_smem.index(0).store(t0.to(DT))
+        s_smem.index(1).store(t1.to(DT))
+        s_smem.index(2).store(t2.to(DT))
+        zc = (i % 2) * 4
+        z_smem.index(zc).store(z0)
+        z_smem.index(zc + 1).store(z1)
+        z_smem.index(zc + 2).store(z2)
         fence_async_shared()
         gl.thread_barrier()
         nxt = (i + 1) % 2
@@ -388,26 +365,23 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N
         k = k_buf.index(i % 2)
         v = v_buf.index(i % 2)
         # within the chunk: phi(q).phi(k) = 1 + s + s^2/2, causal (padded keys come after every valid query)
-        zero = (c0 - start).to(gl.float32) * 0.0  # fresh zero tiles (_feat_pair) that cannot be hoisted
-        a = warpgroup_mma(q, k.permute((1, 0)), gl.full([C, C], zero, gl.float32, MMA), use_acc=False, is_async=True)
+        a = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([C, C], gl.float32, MMA), use_acc=False, is_async=True)
         a = warpgroup_mma_wait(0, deps=(a,))
         s = a * 0.25
         pa = gl.convert_layout(gl.where(tok_r[:, None] >= tok_c[None, :], 1.0 + s + 0.5 * s * s, 0.0).to(DT), AOP)
-        y = warpgroup_mma(pa, v, a, use_acc=False, is_async=True)
-        den = warpgroup_mma(gl.convert_layout(pa, AOP16), e0, gl.zeros([C, 16], gl.float32, MMA16), use_acc=False,
-                            is_async=True)
-        ga = gl.full([64, 32], zero, gl.float32, MMA32)
-        s0, s1, s2, z0, z1, z2, ga, gb = _update(k, v, sel, ones, e01, t0, t1, t2, u0, u1, u2, ga, ga, AOP, AOP16)
+        y = warpgroup_mma(pa, v, gl.zeros([C, DV], gl.float32, MMA), use_acc=False, is_async=True)
+        den = gl.convert_layout(gl.sum(pa.to(gl.float32), axis=1), FROW)
+        s0, s1, s2, z0, z1, z2 = _update(k, v, sel, ones, t0, t1, t2, z0, z1, z2, AOP)
         # from the state before the chunk
-        y, den, ga, gb = _readout(q, sel, ones, s_smem, z_smem, y, den, ga, gb, AOP, AOP16)
-        den = gl.convert_layout(gl.sum(den, axis=1), ROW) + eps
+        y, den = _readout(q, sel, ones, s_smem, z_smem, zc, y, den, AOP)
+        den = gl.convert_layout(den, ROW) + eps
         rows = c0 + tok_r
         gl.store(Y + (bh * N + rows[:, None]) * DV + gl.arange(0, DV, layout=COL)[None, :],
                  (y * (1.0 / den)[:, None]).to(DT), mask=(rows < end)[:, None])
         if STORE_DEN:
             gl.store(DEN + bh * N + rows, den, mask=rows < end)
     async_copy.wait_group(0)
-    s0, s1, s2, z0, z1, z2 = warpgroup_mma_wait(0, deps=(s0, s1, s2, z0, z1, z2))
+    s0, s1, s2 = warpgroup_mma_wait(0, deps=(s0, s1, s2))
     if STORE_STATE:
         if sp == gl.num_programs(1) - 1:
             _store_parts(S_OUT, Z_OUT, bh, s0, s1, s2, z0, z1, z2, gl.cdiv(end - start, C) * C - (end - start),
