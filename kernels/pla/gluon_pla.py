@@ -4,8 +4,9 @@ Why a second implementation: the Triton scans are latency bound (255 registers w
 waited for at once; docs/PERFORMANCE.md). Gluon (triton.experimental.gluon) gives explicit shared memory,
 layouts and asynchronous wgmma: the chunk's inputs arrive by cp.async one chunk ahead and no tile spills.
 z and the normaliser are fp32 sums in registers over the feature tiles that the S and y MMAs use (MMAs for
-them cost more time than the sums). (ptxas still serialises the wgmmas for lack of registers, so they do not
-yet overlap the elementwise work; docs/PERFORMANCE.md has the numbers and what is next.)
+them cost more time than the sums). The wgmmas are asynchronous (not serialised by ptxas), but each stage
+still waits for its feature MMAs before its elementwise work; docs/PERFORMANCE.md has the numbers and what
+is next (pipelining the stages).
 
 Features (one head, f = 16) are built as in triton_pla, with one-hot selection MMAs, in three row parts of
 64: part 0 / 1 = quadratic pairs 0..63 / 64..127, part 2 = pairs 128..143 (rows 0..15), the linear rows
