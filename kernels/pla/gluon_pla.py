@@ -34,6 +34,7 @@ DV_GLUON = 64
 CHUNK = 64
 _R = 64  # state rows per part
 _PARTS = 3
+_F, _DV = gl.constexpr(T.F_SUPPORTED), gl.constexpr(DV_GLUON)  # the kernels' feature and value dims
 _CONST_ROW = gl.constexpr(16 + T.F_SUPPORTED)  # row of part 2 that holds the constant feature
 # Selection matrices (as E^T [64, f]) in shared memory: query-side E_A, E_B of parts 0..2 at 2p, 2p + 1
 # (E_B is shared by both sides), key-side E_A x W^2 at 6 + p; c_A, c_B, W^2 c_A in column 0 at 9, 10, 11.
@@ -259,8 +260,8 @@ def _reduce_kernel(K, V, SEL, W, ROWMAP, PS, PZ, M, TOK, C: gl.constexpr, num_wa
     bh = gl.program_id(0)
     sp = gl.program_id(1)
     BH = gl.num_programs(0)
-    F: gl.constexpr = 16
-    DV: gl.constexpr = 64
+    F: gl.constexpr = _F
+    DV: gl.constexpr = _DV
     DT: gl.constexpr = K.dtype.element_ty
     sel, ones = _constant_smem(SEL, DT, BLK_F)
     k_buf = _smem(DT, [2, C, F])
@@ -319,8 +320,8 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N
     bh = gl.program_id(0)
     sp = gl.program_id(1)
     BH = gl.num_programs(0)
-    F: gl.constexpr = 16
-    DV: gl.constexpr = 64
+    F: gl.constexpr = _F
+    DV: gl.constexpr = _DV
     DT: gl.constexpr = Q.dtype.element_ty
     sel, ones = _constant_smem(SEL, DT, BLK_F)
     q_buf = _smem(DT, [2, C, F])
