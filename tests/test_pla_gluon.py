@@ -37,6 +37,7 @@ def test_part_tables_give_the_taylor_kernel_and_the_packed_state():
     gq, gk = _gluon_features(q, SEL, "q"), _gluon_features(k, SEL, "k")
     s = (q.double() @ k.double().T) / 4
     torch.testing.assert_close(torch.einsum("pir,pjr->ij", gq, gk), 1 + s + s * s / 2, rtol=1e-12, atol=1e-12)
+    assert not gq[2, :, 32:].any() and not gk[2, :, 32:].any()  # the readout skips part 2's rows 32..63
     # key features / W at their packed rows == triton_pla's packed features phi(k) (padding rows zero)
     ea, eb, w = (t.double() for t in T._selection(torch.float32, "cpu"))
     kd = k.double()

@@ -4,13 +4,14 @@ Why a second implementation: the Triton scans are latency bound (255 registers w
 waited for at once; docs/PERFORMANCE.md). Gluon (triton.experimental.gluon) gives explicit shared memory,
 layouts and asynchronous wgmma: the chunk's inputs arrive by cp.async one chunk ahead and no tile spills.
 z and the normaliser are fp32 sums in registers over the feature tiles that the S and y MMAs use (MMAs for
-them cost more time than the sums). The wgmmas are asynchronous (not serialised by ptxas), but each stage
-still waits for its feature MMAs before its elementwise work; docs/PERFORMANCE.md has the numbers and what
-is next (pipelining the stages).
+them cost more time than the sums). A chunk is a pipeline of feature stages (below); the wgmmas are
+asynchronous (not serialised by ptxas), and at some stages the next stage's feature MMAs are issued before
+this stage's elementwise work. docs/PERFORMANCE.md has the numbers.
 
 Features (one head, f = 16) are built as in triton_pla, with one-hot selection MMAs, in three row parts of
-64: part 0 / 1 = quadratic pairs 0..63 / 64..127, part 2 = pairs 128..143 (rows 0..15), the linear rows
-(16..31) and the constant row (32):
+64: part 0 / 1 = quadratic pairs 0..63 / 64..127, part 2 = pairs 128..143 (rows 0..15; 136..143 are the
+packed layout's zero padding), the linear rows (16..31) and the constant row, which takes the place of the
+padding row 15, so that part 2's rows 32..63 have no features and the readout skips them:
     g_r(x) = (x E_A + c_A)_r (x E_B + c_B)_r,
 with c_A = 1 on the linear and constant rows and c_B = 1 on the constant row, added by one more MMA with a
 tile of ones (E_A is zero on those rows, so the linear feature is x_b). The kernels keep the state as
@@ -35,7 +36,8 @@ CHUNK = 64
 _R = 64  # state rows per part
 _PARTS = 3
 _F, _DV = gl.constexpr(T.F_SUPPORTED), gl.constexpr(DV_GLUON)  # the kernels' feature and value dims
-_CONST_ROW = gl.constexpr(16 + T.F_SUPPORTED)  # row of part 2 that holds the constant feature
+_CONST_ROW = gl.constexpr(15)  # row of part 2 that holds the constant feature (a padding pair in triton_pla)
+_SPARE_ROW = 32  # row of part 2 (no features) that carries the displaced padding row of the packed layout
 # Selection matrices (as E^T [64, f]) in shared memory: query-side E_A, E_B of parts 0..2 at 2p, 2p + 1
 # (E_B is shared by both sides), key-side E_A x W^2 at 6 + p; c_A, c_B, W^2 c_A in column 0 at 9, 10, 11.
 _SEL_Q_A, _SEL_B, _SEL_K_A = gl.constexpr(0), gl.constexpr(1), gl.constexpr(6)
@@ -77,20 +79,22 @@ def part_tables(F: int = T.F_SUPPORTED):
     for p in range(_PARTS):
         for r in range(_R):
             t = _R * p + r
-            if p < 2 or r < 16:  # quadratic rows (or the packed layout's padding rows: zero features, W = 1)
+            if p == 2 and r == _CONST_ROW.value:
+                ca[r] = cb[r] = 1.
+                ROWMAP[p, r] = 0
+            elif p < 2 or r < 16:  # quadratic rows (or the packed layout's padding rows: zero features, W = 1)
                 a, b = ab[t]
                 if T._pair_weight(a, b, t):
                     ea[p, r, a] = eb[p, r, b] = 1.
                     W[p, r] = T._pair_weight(a, b, t)
                 ROWMAP[p, r] = 1 + F + t
-            elif r < _CONST_ROW:
+            elif r < 32:
                 eb[p, r, r - 16] = 1.
                 ca[r] = 1.
                 W[p, r] = F ** -0.25
                 ROWMAP[p, r] = 1 + (r - 16)
-            elif r == _CONST_ROW:
-                ca[r] = cb[r] = 1.
-                ROWMAP[p, r] = 0
+            elif r == _SPARE_ROW:
+                ROWMAP[p, r] = 1 + F + _R * 2 + _CONST_ROW.value
     W2 = (W * W).float()
     SEL = torch.zeros(_N_SEL, _R, F)
     SEL[0:6:2] = ea
@@ -181,10 +185,40 @@ def _store_parts(S, Z, slot, s0, s1, s2, z0, z1, z2, n_pad, ROWMAP, W):
     _store_state(S, Z, slot, s2, z2, ROWMAP, W, 2)
 
 
-# ----------------------------------------------------------------------------- features and the state update
-# Feature MMAs start from a zero tile with use_acc=False, which compiles to a wgmma without input registers.
-# (Passing the registers of a dead feature tile instead gave wrong z and normaliser sums: ptxas let the fp32
-# sums read registers that the next feature wgmma was already writing.)
+# ----------------------------------------------------------------------------- feature stages
+# A chunk is a pipeline of stages, each a [64, 32] feature tile: key stages 0..5 build W^2 g(k)^T of (part,
+# token half) = divmod(j, 2) and add it to the state; query stages 6..10 build g(q) of (part, row half) =
+# divmod(j - 6, 2) and read the state out (part 2's rows 32..63 have no features: no stage). At the stages in
+# _LOOKAHEAD the forward issues the next stage's feature MMAs before it waits for its own, so the tensor cores
+# build the next tile while the warps multiply this one. Only there (each point compiled and timed, triton 3.6
+# on an H100; docs/PERFORMANCE.md): lookahead at key stages 0..3 or in the reduction makes ptxas serialise all
+# wgmmas (C7512, "insufficient register resources"), and at the other stages it spilled more and was slower.
+# Feature MMAs start from a zero tile with use_acc=False, which compiles
+# to a wgmma without input registers. (Passing the registers of a dead feature tile instead gave wrong z and
+# normaliser sums: ptxas let the fp32 sums read registers that the next feature wgmma was already writing.)
+_KEY_STAGES = gl.constexpr(6)
+_STAGES = gl.constexpr(11)
+_LOOKAHEAD = (5, 7)
+
+
+@gluon.constexpr_function
+def _part(j):
+    """Feature part of stage j."""
+    return (j if j < _KEY_STAGES.value else j - _KEY_STAGES.value) // 2
+
+
+@gluon.constexpr_function
+def _feature_groups(j):
+    """wgmma groups that build stage j's factors: two, and two more for c_A and c_B in part 2."""
+    return 4 if _part(j) == 2 else 2
+
+
+@gluon.constexpr_function
+def _looks_ahead(j, last):
+    """Whether stage j of a pipeline of `last` stages issues stage j + 1's factors before waiting for its own."""
+    return last == _STAGES.value and j in _LOOKAHEAD
+
+
 @gluon.jit
 def _half(smem, h: gl.constexpr):
     """Rows [32 h, 32 h + 32) of a [64, *] shared tile."""
@@ -192,65 +226,79 @@ def _half(smem, h: gl.constexpr):
 
 
 @gluon.jit
-def _feat_pair(x, ea, eb, ca, cb, c_in, TRANS: gl.constexpr, WITH_C: gl.constexpr):
-    """x E_A (+ c_A) and x E_B (+ c_B), or transposed (TRANS: x is x^T, E^T x^T); c_in is the ones tile that
-    carries c_A, c_B. Waited for."""
+def _issue_features(q, k, sel, ones, j: gl.constexpr):
+    """Issue stage j's feature factors x E_A (+ c_A) and x E_B (+ c_B) (asynchronous, not waited for); the key
+    side works on k^T (E^T k^T), so that the tile is an A operand with the feature rows as M."""
     zero = gl.zeros([64, 32], gl.float32, MMA32)
-    if TRANS:
-        xa = warpgroup_mma(ea, x, zero, use_acc=False, is_async=True)
+    p: gl.constexpr = _part(j)
+    WITH_C: gl.constexpr = p == 2
+    if j < _KEY_STAGES:
+        x = _half(k, j % 2).permute((1, 0))
+        c_in = _half(ones, j % 2).permute((1, 0))
+        xa = warpgroup_mma(sel.index(_SEL_K_A + p), x, zero, use_acc=False, is_async=True)
         if WITH_C:
-            xa = warpgroup_mma(ca, c_in, xa, is_async=True)
-        xb = warpgroup_mma(eb, x, zero, use_acc=False, is_async=True)
+            xa = warpgroup_mma(sel.index(_SEL_K_CA), c_in, xa, is_async=True)
+        xb = warpgroup_mma(sel.index(_SEL_B + 2 * p), x, zero, use_acc=False, is_async=True)
         if WITH_C:
-            xb = warpgroup_mma(cb, c_in, xb, is_async=True)
+            xb = warpgroup_mma(sel.index(_SEL_CB), c_in, xb, is_async=True)
     else:
-        xa = warpgroup_mma(x, ea, zero, use_acc=False, is_async=True)
+        h: gl.constexpr = (j - _KEY_STAGES) % 2
+        xa = warpgroup_mma(q, _half(sel.index(_SEL_Q_A + 2 * p), h).permute((1, 0)), zero, use_acc=False,
+                           is_async=True)
         if WITH_C:
-            xa = warpgroup_mma(c_in, ca, xa, is_async=True)
-        xb = warpgroup_mma(x, eb, zero, use_acc=False, is_async=True)
+            xa = warpgroup_mma(ones, _half(sel.index(_SEL_CA), h).permute((1, 0)), xa, is_async=True)
+        xb = warpgroup_mma(q, _half(sel.index(_SEL_B + 2 * p), h).permute((1, 0)), zero, use_acc=False,
+                           is_async=True)
         if WITH_C:
-            xb = warpgroup_mma(c_in, cb, xb, is_async=True)
-    return warpgroup_mma_wait(0, deps=(xa, xb))
+            xb = warpgroup_mma(ones, _half(sel.index(_SEL_CB), h).permute((1, 0)), xb, is_async=True)
+    return xa, xb
 
 
 @gluon.jit
-def _key_feat(k, sel, ones, p: gl.constexpr, h: gl.constexpr, AOP: gl.constexpr):
-    """W^2 g(k)^T of part p for token half h [64 rows, 32 tokens]: bf16 as an MMA operand, and fp32."""
-    xa, xb = _feat_pair(_half(k, h).permute((1, 0)), sel.index(_SEL_K_A + p), sel.index(_SEL_B + 2 * p),
-                        sel.index(_SEL_K_CA), sel.index(_SEL_CB), _half(ones, h).permute((1, 0)), True, p == 2)
+def _stage_output(xa, xb, j: gl.constexpr, v, s_smem, z_smem, zc, t0, t1, t2, z0, z1, z2, y, den,
+                  AOP: gl.constexpr):
+    """Stage j on its waited factors: g = x_A x_B; key side: issue S_p += W^2 g(k)^T v and add the row sums to
+    z_p; query side: issue y += g(q) S_p and add g(q) z_p to den (S and z from before the chunk, in shared
+    memory: S in bf16, z in fp32 at zc + p)."""
     g = xa * xb
-    return gl.convert_layout(g.to(k.dtype), AOP), g
+    fa = gl.convert_layout(g.to(v.dtype), AOP)
+    p: gl.constexpr = _part(j)
+    if j < _KEY_STAGES:
+        vh = _half(v, j % 2)
+        if p == 0:
+            t0 = warpgroup_mma(fa, vh, t0, is_async=True)
+            z0 += gl.sum(g, axis=1)
+        elif p == 1:
+            t1 = warpgroup_mma(fa, vh, t1, is_async=True)
+            z1 += gl.sum(g, axis=1)
+        else:
+            t2 = warpgroup_mma(fa, vh, t2, is_async=True)
+            z2 += gl.sum(g, axis=1)
+    else:
+        h: gl.constexpr = (j - _KEY_STAGES) % 2
+        y = warpgroup_mma(fa, _half(s_smem.index(p), h), y, is_async=True)
+        den += gl.sum(g * z_smem.index(zc + p).slice(h * 32, 32).load(FCOL)[None, :], axis=1)
+    return t0, t1, t2, z0, z1, z2, y, den
 
 
 @gluon.jit
-def _query_feat(q, sel, ones, p: gl.constexpr, h: gl.constexpr, AOP: gl.constexpr):
-    """g(q) of part p, row half h [C tokens, 32 rows]: bf16 as an MMA operand, and fp32."""
-    xa, xb = _feat_pair(q, _half(sel.index(_SEL_Q_A + 2 * p), h).permute((1, 0)),
-                        _half(sel.index(_SEL_B + 2 * p), h).permute((1, 0)),
-                        _half(sel.index(_SEL_CA), h).permute((1, 0)), _half(sel.index(_SEL_CB), h).permute((1, 0)),
-                        ones, False, p == 2)
-    g = xa * xb
-    return gl.convert_layout(g.to(q.dtype), AOP), g
-
-
-@gluon.jit
-def _update_part(k, v, sel, ones, p: gl.constexpr, t, z, AOP: gl.constexpr):
-    """Issue S_p += W^2 g(k)^T v (asynchronous) and add W^2 g(k)^T 1 to z_p (fp32 registers), for part p, by
-    token halves."""
-    for h in gl.static_range(2):
-        fa, g = _key_feat(k, sel, ones, p, h, AOP)
-        t = warpgroup_mma(fa, _half(v, h), t, is_async=True)
-        z += gl.sum(g, axis=1)
-    return t, z
-
-
-@gluon.jit
-def _update(k, v, sel, ones, t0, t1, t2, z0, z1, z2, AOP: gl.constexpr):
-    """Issue the chunk's state update from the waited states (S asynchronous, z summed)."""
-    s0, z0 = _update_part(k, v, sel, ones, 0, t0, z0, AOP)
-    s1, z1 = _update_part(k, v, sel, ones, 1, t1, z1, AOP)
-    s2, z2 = _update_part(k, v, sel, ones, 2, t2, z2, AOP)
-    return s0, s1, s2, z0, z1, z2
+def _run_stages(xa, xb, q, k, v, sel, ones, s_smem, z_smem, zc, t0, t1, t2, z0, z1, z2, y, den,
+                LAST: gl.constexpr, AOP: gl.constexpr):
+    """Stages 0..LAST - 1 of a chunk from stage 0's issued factors (xa, xb). Returns the state (S issued), z,
+    y (issued) and den."""
+    for j in gl.static_range(LAST):
+        if j > 0 and not _looks_ahead(j - 1, LAST):
+            xa, xb = _issue_features(q, k, sel, ones, j)
+        if _looks_ahead(j, LAST):
+            na, nb = _issue_features(q, k, sel, ones, j + 1)
+            xa, xb = warpgroup_mma_wait(_feature_groups(j + 1), deps=(xa, xb))  # stage j + 1's stay pending
+        else:
+            xa, xb = warpgroup_mma_wait(0, deps=(xa, xb))
+        t0, t1, t2, z0, z1, z2, y, den = _stage_output(xa, xb, j, v, s_smem, z_smem, zc, t0, t1, t2, z0, z1,
+                                                       z2, y, den, AOP)
+        if _looks_ahead(j, LAST):
+            xa, xb = na, nb
+    return t0, t1, t2, z0, z1, z2, y, den
 
 
 # ----------------------------------------------------------------------------- reduction
@@ -288,8 +336,11 @@ def _reduce_kernel(K, V, SEL, W, ROWMAP, PS, PZ, M, TOK, C: gl.constexpr, num_wa
         _copy_rows(k_buf.index((i + 1) % 2), K, c0 + C, end, F, C, BLK_F)
         _copy_rows(v_buf.index((i + 1) % 2), V, c0 + C, end, DV, C, BLK_V)
         async_copy.commit_group()
-        s0, s1, s2, z0, z1, z2 = _update(k_buf.index(i % 2), v_buf.index(i % 2), sel, ones, t0, t1, t2, z0, z1, z2,
-                                         AOP)
+        k = k_buf.index(i % 2)
+        xa, xb = _issue_features(k, k, sel, ones, 0)
+        # key stages only: the query, readout and y arguments are placeholders
+        s0, s1, s2, z0, z1, z2, _, _ = _run_stages(xa, xb, k, k, v_buf.index(i % 2), sel, ones, k, k, 0, t0, t1,
+                                                   t2, z0, z1, z2, z0, z0, _KEY_STAGES, AOP)
     async_copy.wait_group(0)
     s0, s1, s2 = warpgroup_mma_wait(0, deps=(s0, s1, s2))
     _store_parts(PS, PZ, sp * BH + bh, s0, s1, s2, z0, z1, z2, gl.cdiv(end - start, C) * C - (end - start),
@@ -298,25 +349,12 @@ def _reduce_kernel(K, V, SEL, W, ROWMAP, PS, PZ, M, TOK, C: gl.constexpr, num_wa
 
 # ----------------------------------------------------------------------------- forward scan
 @gluon.jit
-def _readout(q, sel, ones, s_smem, z_smem, zc, y, den, AOP: gl.constexpr):
-    """Issue y += g(q) S (asynchronous) and add g(q) z to den (fp32 registers), from the state before the
-    chunk (shared memory: S in bf16, z in fp32 at zc + p), part by part. Returns y (waited) and den."""
-    for p in gl.static_range(3):
-        for h in gl.static_range(2):
-            fa, g = _query_feat(q, sel, ones, p, h, AOP)
-            y = warpgroup_mma(fa, _half(s_smem.index(p), h), y, is_async=True)
-            den += gl.sum(g * z_smem.index(zc + p).slice(h * 32, 32).load(FCOL)[None, :], axis=1)
-    y = warpgroup_mma_wait(0, deps=(y,))
-    return y, den
-
-
-@gluon.jit
 def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N, TOK, eps,
                 C: gl.constexpr, STORE_DEN: gl.constexpr, STORE_STATE: gl.constexpr, num_warps: gl.constexpr):
     """Chunked causal forward over split sp (tokens [sp * TOK, (sp + 1) * TOK)) of head bh from its initial
-    state (packed slot sp * BH + bh). Per chunk: the state goes to shared memory for the readout, the state
-    update is issued, then the intra-chunk attention and the readout. The next chunk's inputs arrive by
-    cp.async meanwhile. The last split stores the final state (prefill)."""
+    state (packed slot sp * BH + bh). Per chunk: the state goes to shared memory for the readout, the
+    intra-chunk attention is issued, then the stages (state update, readout). The next chunk's inputs arrive
+    by cp.async meanwhile. The last split stores the final state (prefill)."""
     bh = gl.program_id(0)
     sp = gl.program_id(1)
     BH = gl.num_programs(0)
@@ -368,15 +406,17 @@ def _fwd_kernel(Q, K, V, S_INIT, Z_INIT, Y, DEN, S_OUT, Z_OUT, SEL, W, ROWMAP, N
         v = v_buf.index(i % 2)
         # within the chunk: phi(q).phi(k) = 1 + s + s^2/2, causal (padded keys come after every valid query)
         a = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([C, C], gl.float32, MMA), use_acc=False, is_async=True)
-        a = warpgroup_mma_wait(0, deps=(a,))
-        s = a * 0.25
-        pa = gl.convert_layout(gl.where(tok_r[:, None] >= tok_c[None, :], 1.0 + s + 0.5 * s * s, 0.0).to(DT), AOP)
-        y = warpgroup_mma(pa, v, gl.zeros([C, DV], gl.float32, MMA), use_acc=False, is_async=True)
-        den = gl.convert_layout(gl.sum(pa.to(gl.float32), axis=1), FROW)
-        s0, s1, s2, z0, z1, z2 = _update(k, v, sel, ones, t0, t1, t2, z0, z1, z2, AOP)
-        # from the state before the chunk
-        y, den = _readout(q, sel, ones, s_smem, z_smem, zc, y, den, AOP)
-        den = gl.convert_layout(den, ROW) + eps
+        xa, xb = _issue_features(q, k, sel, ones, 0)
+        a = warpgroup_mma_wait(_feature_groups(0), deps=(a,))  # stage 0's factors stay pending
+        p = gl.where(tok_r[:, None] >= tok_c[None, :], 1.0 + a * (0.25 + a * 0.03125), 0.0)  # s = a / 4
+        y = warpgroup_mma(gl.convert_layout(p.to(DT), AOP), v, gl.zeros([C, DV], gl.float32, MMA), use_acc=False,
+                          is_async=True)
+        den_intra = gl.sum(p, axis=1)  # from p in fp32, before the bf16 rounding of the MMA operand
+        den = gl.zeros([64], gl.float32, FROW)
+        s0, s1, s2, z0, z1, z2, y, den = _run_stages(xa, xb, q, k, v, sel, ones, s_smem, z_smem, zc, t0, t1, t2,
+                                                     z0, z1, z2, y, den, _STAGES, AOP)
+        y = warpgroup_mma_wait(0, deps=(y,))
+        den = gl.convert_layout(den, ROW) + den_intra + eps
         rows = c0 + tok_r
         gl.store(Y + (bh * N + rows[:, None]) * DV + gl.arange(0, DV, layout=COL)[None, :],
                  (y * (1.0 / den)[:, None]).to(DT), mask=(rows < end)[:, None])
