@@ -155,7 +155,7 @@ def main():
     ap.add_argument("--tune", default="", help="comma list of kinds to tune first: red,fwd,dq,dkv,enc")
     ap.add_argument("--tune-n", type=int, default=8192, help="sequence length for tuning")
     ap.add_argument("--tune-dv", default="64,112")
-    ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--no-table", action="store_true", help="stop after --tune (no benchmark table)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     log = lambda *a: print(*a, flush=True)
