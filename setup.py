@@ -5,8 +5,12 @@ setup(
     name="megatron-jrt",
     version="0.1.0",
     description="Pretraining stack for JRT-RNN (Just read twice) on megatron-core",
-    packages=find_packages(include=["megatron_jrt*", "kernels*", "data_prep*", "checkpoints_tools*"]),
-    package_data={"data_prep": ["corpus/*"]},
+    packages=[*find_packages(include=["megatron_jrt*", "kernels*", "data_prep*",
+                                      "checkpoints_tools*"]),
+              "megatron_jrt.configs"],
+    # configs/ stays at the top of the repository and is installed inside the package.
+    package_dir={"megatron_jrt.configs": "configs"},
+    package_data={"data_prep": ["corpus/*"], "megatron_jrt.configs": ["*.yaml"]},
     python_requires=">=3.11",
     install_requires=[
         # 0.16.1 is the newest release with Python 3.11 wheels (see docs/ for why).
@@ -29,6 +33,7 @@ setup(
             "jrt-prep=data_prep.cli:main",
             "jrt-train=megatron_jrt.train:main",
             "jrt-demo=megatron_jrt.demo:main",
+            "jrt-ckpt=checkpoints_tools.cli:main",
         ]
     },
 )

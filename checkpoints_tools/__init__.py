@@ -1,0 +1,1 @@
+"""Checkpoint tools for people: ``jrt-ckpt inspect`` and ``jrt-ckpt verify`` (see cli.py)."""

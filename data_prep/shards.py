@@ -27,7 +27,7 @@ import numpy as np
 import webdataset as wds
 
 from data_prep.documents import InputError, ReadStats, expand_inputs, iter_all_documents
-from data_prep.fsutil import atomic_write_bytes, commit, fsync_dir, sha256_file, tmp_name
+from megatron_jrt.fsutil import atomic_write_bytes, commit, fsync_dir, sha256_file, tmp_name
 from data_prep.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"

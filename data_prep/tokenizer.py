@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
-from data_prep.fsutil import atomic_write_bytes
+from megatron_jrt.fsutil import atomic_write_bytes
 
 PAD_ID, UNK_ID, EOD_ID, MASK_ID = 0, 1, 2, 3
 MASK_PIECE = "[MASK]"

@@ -29,16 +29,18 @@ class SampleLayout:
         self.global_batch_size, self.dp_rank = global_batch_size, dp_rank
         self.per_rank = global_batch_size // dp_world_size
 
-    def first_sample(self, step: int) -> int:
-        """Global index of this rank's first sample of optimizer step `step`."""
-        return step * self.global_batch_size + self.dp_rank * self.per_rank
+    def first_sample(self, consumed_samples: int) -> int:
+        """Global index of this rank's first sample of the step that starts after
+        `consumed_samples` (counted, not step x batch, so the global batch may change)."""
+        return consumed_samples + self.dp_rank * self.per_rank
 
 
 class MockTokens:
     """Random token windows; window i is a function of (seed, i) alone.
 
     Data-parallel rank r of d reads windows so that the global batch of a step holds the same
-    windows, in the same order, whatever d is (like Megatron-LM's --mock-data).
+    windows, in the same order, whatever d is (like Megatron-LM's --mock-data). The state is
+    the global position, so a resume may change the data-parallel size or the global batch.
     """
 
     def __init__(self, *, vocab_size: int, seq_length: int, micro_batch_size: int,
@@ -46,7 +48,8 @@ class MockTokens:
         self.vocab_size, self.seq_length, self.seed = vocab_size, seq_length, seed
         self.micro_batch_size = micro_batch_size
         self.layout = SampleLayout(global_batch_size, dp_rank, dp_world_size)
-        self.consumed = 0  # windows this rank has read
+        self.consumed_samples = 0  # global samples of the steps read completely
+        self.offset = 0  # windows this rank has read of the current step
 
     def _window(self, index: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 7919 + index)
@@ -54,16 +57,18 @@ class MockTokens:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
-            step, offset = divmod(self.consumed, self.layout.per_rank)
-            first = self.layout.first_sample(step) + offset
-            self.consumed += self.micro_batch_size
+            first = self.layout.first_sample(self.consumed_samples) + self.offset
+            self.offset += self.micro_batch_size
+            if self.offset >= self.layout.per_rank:
+                self.consumed_samples += self.layout.global_batch_size
+                self.offset = 0
             yield torch.stack([self._window(first + i) for i in range(self.micro_batch_size)])
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
+        return {"consumed_samples": self.consumed_samples, "offset": self.offset}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consumed = int(state["consumed"])
+        self.consumed_samples, self.offset = int(state["consumed_samples"]), int(state["offset"])
 
 
 def build_token_source(data, split: str, *, dp_rank: int, dp_world_size: int, seed: int,
@@ -95,10 +100,11 @@ class JRTBatches:
         self.prefix_length, self.mask_id, self.seed = prefix_length, mask_id, seed
         self.layout = SampleLayout(global_batch_size, dp_rank, dp_world_size)
 
-    def step(self, step: int, num_microbatches: int, device) -> list[JRTBatch]:
+    def step(self, consumed_samples: int, num_microbatches: int, device) -> list[JRTBatch]:
+        """This rank's micro-batches of the step that starts after `consumed_samples`."""
         if self.iterator is None:
             self.iterator = iter(self.source)
-        batches, first = [], self.layout.first_sample(step)
+        batches, first = [], self.layout.first_sample(consumed_samples)
         for _ in range(num_microbatches):
             tokens = next(self.iterator)
             batches.append(make_jrt_batch(tokens, prefix_length=self.prefix_length,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.resources import files
 from pathlib import Path
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# configs/ is installed as the package megatron_jrt.configs (setup.py), editable or not.
+CONFIG = Path(str(files("megatron_jrt.configs") / "demo.yaml"))
 DEMO_DIR = Path("runs/demo")
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -58,8 +60,17 @@ def read_launch_env(environ=None) -> LaunchEnv:
             master_port=port,
             source="slurm",
         )
-    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"),
-                     int(env.get("MASTER_PORT", 29500)), "single")
+    # A lone process (no launcher) rendezvouses with itself: any free port, so that two
+    # runs on one machine do not collide on a fixed one.
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
+    return LaunchEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port, "single")
+
+
+def free_port() -> int:
+    """A TCP port on this host that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -153,3 +164,27 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def agree(error: BaseException | None) -> None:
+    """Raise on every rank when any rank failed: its own error, else the first rank's.
+
+    For checks whose outcome may differ between ranks (a file one rank cannot read): without
+    agreement the ranks that passed would wait forever in the next collective. The raised
+    error gets ``all_ranks = True``, so only rank 0 reports it.
+    """
+    errors: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, None if error is None else _portable(error))
+    failed = error if error is not None else next((e for e in errors if e is not None), None)
+    if failed is not None:
+        failed.all_ranks = True
+        raise failed
+
+
+def _portable(error: BaseException) -> BaseException:
+    """`error` if it survives pickling (to reach the other ranks), else a RuntimeError saying it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(error).__name__}: {error}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_jrt.config import ConfigError
+from megatron_jrt.errors import DataError, ExitCode, NonFiniteLossError, exit_code_for
 from megatron_jrt.train_config import (TrainConfig, config_to_dict, format_config, load_config,
                                        save_config)
 
@@ -36,11 +37,11 @@ class TrainResult:
     skipped_steps: int = 0  # steps whose update the optimizer did not apply
     sample: str | None = None
     start_step: int = 0  # > 0 when resumed from a checkpoint
-    stopped_by_signal: str | None = None  # SIGTERM/SIGUSR1: checkpointed and stopped early
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a NaN/inf loss."""
+    last_step: int = 0  # the step the run stopped after
+    saved_step: int | None = None  # the step of this run's last checkpoint
+    consumed_samples: int = 0  # over the whole run, resumed parts included
+    consumed_tokens: int = 0
+    stopped_by_signal: str | None = None  # SIGTERM/SIGUSR1/SIGINT: stopped early
 
 
 def _is_logging_rank() -> bool:
@@ -52,8 +53,13 @@ def _print(message: str) -> None:
         print(message, flush=True)
 
 
-def _forward_step(data_iterator, model):
-    """megatron's forward_step contract: the last stage returns per-token losses."""
+def _forward_step(data_iterator, model, *, global_tokens: torch.Tensor, scale: float):
+    """megatron's forward_step contract: the last stage returns this micro-batch's loss share.
+
+    megatron divides the loss by the number of micro-batches and averages gradients over
+    data-parallel ranks; `scale` (their product) undoes both, so the gradient is that of the
+    objective token-weighted over the global batch (`megatron_jrt.loss.jrt_loss`).
+    """
     from megatron_jrt.loss import jrt_loss
 
     batch = next(data_iterator)
@@ -62,11 +68,23 @@ def _forward_step(data_iterator, model):
                    labels=batch.labels)
 
     def loss_func(per_token_loss):
-        loss, parts = jrt_loss(per_token_loss, batch)
-        # Reports are copies: the schedule scales `loss` in place before backward.
-        return loss, {"loss": loss.detach().clone(), **parts}
+        share, reports = jrt_loss(per_token_loss, batch, global_tokens)
+        return share * scale, reports
 
     return output, loss_func
+
+
+def _step_forward(batches) -> partial:
+    """The forward step of one optimizer step: it needs the global batch's loss token counts."""
+    from megatron.core import parallel_state
+
+    from megatron_jrt.loss import loss_tokens
+
+    counts = loss_tokens(batches)
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    torch.distributed.all_reduce(counts, group=group)
+    scale = len(batches) * torch.distributed.get_world_size(group)
+    return partial(_forward_step, global_tokens=counts, scale=scale)
 
 
 def _load_tokenizer(cfg: TrainConfig):
@@ -76,41 +94,71 @@ def _load_tokenizer(cfg: TrainConfig):
 
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer: empty; give a SentencePiece .model (jrt-prep tokenizer)")
-    return load_tokenizer(cfg.data.tokenizer)
+    try:
+        return load_tokenizer(cfg.data.tokenizer)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise DataError(f"data.tokenizer: cannot load {cfg.data.tokenizer} ({error})") from error
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run the configured training on this process's rank; call after `init_distributed`."""
+    """Run the configured training on this process's rank; call after `init_distributed`.
+
+    Everything the run needs is checked before step 0 (`training.preflight`); the save_dir
+    lock is held until the run ends, however it ends.
+    """
+    from megatron_jrt.distributed import agree
+    from megatron_jrt.training.preflight import lock_save_dir, prepare_run_dir
+
+    cfg.validate(world_size=torch.distributed.get_world_size())
+    error, tokenizer = None, None
+    try:
+        tokenizer = _load_tokenizer(cfg)
+    except (ConfigError, DataError) as exc:
+        error = exc
+    agree(error)
+    model_cfg = _built_model_config(cfg, tokenizer)
+    _print(format_config(cfg, built=model_cfg))
+    prepare_run_dir(Path(cfg.logging.run_dir), partial(save_config, cfg))
+    lock, notices = lock_save_dir(cfg.checkpoint.save_dir)
+    for notice in notices:
+        _print(f"WARNING: {notice}")
+    try:
+        return _train(cfg, tokenizer, model_cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _built_model_config(cfg: TrainConfig, tokenizer):
+    """The preset and overrides, with the vocabulary the run really has (tokenizer or mock)."""
+    model_cfg = cfg.model_config()
+    vocab = tokenizer.vocab_size if tokenizer is not None else cfg.data.mock_vocab_size + 1
+    return model_cfg.replace(vocab_size=vocab)
+
+
+def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
     from megatron.core import parallel_state
 
-    from megatron_jrt.checkpointing import (ShutdownSignal, load_checkpoint, resolve_resume,
-                                            save_checkpoint)
+    from megatron_jrt.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
     from megatron_jrt.data import JRTBatches, build_token_source
+    from megatron_jrt.distributed import agree
     from megatron_jrt.flops import flops_per_token, peak_flops_per_device
+    from megatron_jrt.loss import with_objective
     from megatron_jrt.metrics import MetricsLogger
     from megatron_jrt.model import build_model
     from megatron_jrt.platform import current_device
+    from megatron_jrt.runlog import truncate_losses
     from megatron_jrt.training.optim import build_optimizer
     from megatron_jrt.training.parallelize import wrap_with_ddp
+    from megatron_jrt.training.preflight import open_data
+    from megatron_jrt.training.resume import (apply_optimizer_config, restore_data_position,
+                                              resume_notice)
+    from megatron_jrt.training.shutdown import ShutdownSignal
     from megatron_jrt.training.step import eval_step, train_step
 
     world = torch.distributed.get_world_size()
-    cfg.validate(world_size=world)
     run_dir = Path(cfg.logging.run_dir)
-    _print(format_config(cfg))
-    if torch.distributed.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-
-    # Model: the vocabulary and [MASK] id come from the tokenizer.
-    tokenizer = _load_tokenizer(cfg)
-    model_cfg = cfg.model_config()
-    if tokenizer is not None:
-        model_cfg = model_cfg.replace(vocab_size=tokenizer.vocab_size)
-        mask_id = tokenizer.mask_id
-    else:
-        model_cfg = model_cfg.replace(vocab_size=cfg.data.mock_vocab_size + 1)
-        mask_id = cfg.data.mock_vocab_size
+    mask_id = tokenizer.mask_id if tokenizer is not None else cfg.data.mock_vocab_size
     bf16 = cfg.training.bf16 and torch.cuda.is_available()  # CPU runs are fp32
     transformer_config = model_cfg.to_transformer_config(
         tensor_parallel=cfg.parallel.tensor_parallel,
@@ -129,26 +177,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
         clip_grad=opt.clip_grad, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         bf16=bf16, warmup_steps=opt.warmup_steps,
-        decay_steps=opt.decay_steps or cfg.training.train_steps,
-        global_batch_size=cfg.data.global_batch_size, lr_decay_style=opt.lr_decay_style)
+        decay_steps=opt.decay_steps or cfg.training.train_steps, lr_decay_style=opt.lr_decay_style)
 
-    # Checkpoint: resume (model, optimizer, scheduler, RNG) before the data is built.
-    ckpt = cfg.checkpoint
-    model_dict = dataclasses.asdict(model_cfg)
-    config_dict = {"train": config_to_dict(cfg), "model": model_dict}
-    resume_path = resolve_resume(ckpt.resume, ckpt.save_dir)
-    resumed = None
-    if resume_path is not None:
-        resumed = load_checkpoint(resume_path, chunks, optimizer, scheduler,
-                                  expected_model_config=model_dict, verify=False)
-        for warning in resumed.warnings:
-            _print(f"WARNING: {warning}")
-        _print(f"resumed from {resume_path} at step {resumed.step}")
-    elif ckpt.resume == "auto":
-        _print(f"checkpoint.resume=auto: no checkpoint in {ckpt.save_dir}; starting at step 0")
-    start_step = resumed.step if resumed is not None else 0
-
-    # Data: every rank of a data-parallel replica reads the same windows.
+    # Data: every split the run reads is opened now, not at the first evaluation.
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_world = parallel_state.get_data_parallel_world_size()
     tokenizer_hash = tokenizer.hash if tokenizer is not None else None
@@ -161,121 +192,152 @@ def train(cfg: TrainConfig) -> TrainResult:
                           global_batch_size=cfg.data.global_batch_size, dp_rank=dp_rank,
                           dp_world_size=dp_world)
 
+    splits = ["train", "valid"] if cfg.training.eval_steps else ["train"]
+    open_data(make_batches, splits, eval_steps=cfg.training.eval_steps)
     train_batches = make_batches("train")
-    if resumed is not None:
-        _resume_data(train_batches.source, resumed, dp_world)
+
+    # Checkpoint: resume (model, optimizer, scheduler, RNG, data position, counters).
+    ckpt = cfg.checkpoint
+    config_dict = {"train": config_to_dict(cfg), "model": dataclasses.asdict(model_cfg)}
+    resume_path, problems = resolve_resume(ckpt.resume, ckpt.save_dir)
+    for problem in problems:
+        _print(f"WARNING: {problem}")
+    result = TrainResult()
+    if resume_path is not None:
+        resumed = load_checkpoint(resume_path, chunks, optimizer, scheduler,
+                                  expected_model_config=config_dict["model"], verify=False)
+        apply_optimizer_config(optimizer, scheduler, opt)
+        for warning in resumed.warnings:
+            _print(f"WARNING: {warning}")
+        _print(f"resumed from {resume_path} at step {resumed.step}")
+        notice = resume_notice(resumed, config_dict["train"], optimizer.param_groups[0]["lr"])
+        if notice:
+            _print(notice)
+        error = None
+        try:
+            warning = restore_data_position(train_batches.source, resumed, dp_world)
+        except ValueError as exc:  # the reader cannot continue with this data config
+            error = DataError(f"resuming the training data: {exc}")
+        agree(error)
+        if warning:
+            _print(f"WARNING: {warning}")
+        result.start_step = result.saved_step = resumed.step
+        result.consumed_samples, result.consumed_tokens = (resumed.consumed_samples,
+                                                           resumed.consumed_tokens)
+    elif ckpt.resume == "auto":
+        _print(f"checkpoint.resume=auto: no checkpoint in {ckpt.save_dir}; starting at step 0")
+
     num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp_world)
     device = current_device()
     step_kwargs = dict(num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
                        micro_batch_size=cfg.data.micro_batch_size)
-
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
-    logger = MetricsLogger(
-        run_dir, enabled=_is_logging_rank(), tensorboard=cfg.logging.tensorboard,
-        flops_per_token=flops_per_token(model_cfg, cfg.data.seq_length),
-        peak_flops=peak_flops_per_device("bf16" if bf16 else "fp32"), world_size=world,
-        progress_total=cfg.training.train_steps, progress_bar=cfg.logging.progress_bar)
-    result = TrainResult(start_step=start_step)
+    losses_file = run_dir / "losses.jsonl" if _is_logging_rank() else None
+    if losses_file is not None:
+        truncate_losses(losses_file, result.start_step)  # steps after it are trained again
 
     def evaluate(step: int) -> None:
         totals: dict[str, float] = {}
         valid_batches = make_batches("valid")  # the same held-out windows every time
         for eval_index in range(cfg.training.eval_steps):
-            data = valid_batches.step(eval_index, num_microbatches, device)
-            for name, value in eval_step(_forward_step, iter(data), chunks, **step_kwargs).items():
+            batches = valid_batches.step(eval_index * cfg.data.global_batch_size,
+                                         num_microbatches, device)
+            reduced = eval_step(_step_forward(batches), iter(batches), chunks, **step_kwargs)
+            for name, value in with_objective(reduced).items():
                 totals[name] = totals.get(name, 0.0) + value / cfg.training.eval_steps
         result.validation.append(totals)
-        logger.log_validation(step=step, consumed_samples=step * cfg.data.global_batch_size,
+        logger.log_validation(step=step, consumed_samples=result.consumed_samples,
                               losses=totals)
 
-    def save(done: int) -> None:
-        save_checkpoint(ckpt.save_dir, done, chunks, optimizer, scheduler,
+    def save(step: int) -> None:
+        save_checkpoint(ckpt.save_dir, step, chunks, optimizer, scheduler,
                         config_dict=config_dict, data_state=train_batches.source.state_dict(),
-                        consumed_samples=done * cfg.data.global_batch_size,
+                        consumed_samples=result.consumed_samples,
+                        consumed_tokens=result.consumed_tokens,
                         keep_last=ckpt.keep_last, keep_every=ckpt.keep_every)
+        result.saved_step = step
 
-    losses_file = run_dir / "losses.jsonl" if _is_logging_rank() else None
+    logger = MetricsLogger(
+        run_dir, enabled=_is_logging_rank(), tensorboard=cfg.logging.tensorboard,
+        flops_per_token=flops_per_token(model_cfg, cfg.data.seq_length),
+        peak_flops=peak_flops_per_device("bf16" if bf16 else "fp32"), world_size=world,
+        progress_total=cfg.training.train_steps, progress_bar=cfg.logging.progress_bar)
     shutdown = ShutdownSignal().install()
+    try:
+        _loop(cfg, result, train_batches, chunks, optimizer, scheduler, logger, shutdown,
+              step_kwargs=step_kwargs, device=device, tokens_per_step=tokens_per_step,
+              losses_file=losses_file, save=save, evaluate=evaluate)
+    finally:
+        shutdown.restore()
+        logger.close()
+    if cfg.training.sample_tokens and tokenizer is not None and not result.stopped_by_signal:
+        result.sample = _sample(cfg, model, model_cfg, tokenizer)
+    return result
+
+
+def _loop(cfg: TrainConfig, result: TrainResult, train_batches, chunks, optimizer, scheduler,
+          logger, shutdown, *, step_kwargs: dict, device, tokens_per_step: int,
+          losses_file: Path | None, save, evaluate) -> None:
+    """Steps until training.train_steps or a stop signal; then the final checkpoint."""
+    from megatron_jrt.loss import with_objective
+    from megatron_jrt.training.step import train_step
+
+    training, save_dir = cfg.training, cfg.checkpoint.save_dir
     consecutive_nonfinite, interval_start, steps_in_interval = 0, time.perf_counter(), 0
-    done = saved = start_step
-    for step in range(start_step, cfg.training.train_steps):
+    done = result.last_step = result.start_step
+    for step in range(result.start_step, training.train_steps):
         step_start = time.perf_counter()
-        data = train_batches.step(step, num_microbatches, device)
-        outcome = train_step(_forward_step, iter(data), chunks, optimizer, scheduler, **step_kwargs)
-        loss = outcome.losses.get("loss", math.nan)  # a host value: the step has finished
+        batches = train_batches.step(result.consumed_samples, step_kwargs["num_microbatches"],
+                                     device)
+        outcome = train_step(_step_forward(batches), iter(batches), chunks, optimizer, scheduler,
+                             **step_kwargs)
+        losses = with_objective(outcome.losses)
+        loss = losses.get("loss", math.nan)  # a host value: the step has finished
         result.step_times.append(time.perf_counter() - step_start)
         result.losses.append(loss)
         result.skipped_steps += int(outcome.skipped)
+        done = result.last_step = step + 1
+        result.consumed_samples += cfg.data.global_batch_size
+        result.consumed_tokens += tokens_per_step
         if math.isfinite(loss):
             consecutive_nonfinite = 0
         else:
             consecutive_nonfinite += 1
             result.nonfinite_steps += 1
-            if consecutive_nonfinite >= cfg.training.max_consecutive_nonfinite:
-                raise NonFiniteLossError(
-                    f"step {step + 1}: {consecutive_nonfinite} consecutive steps with a non-finite "
+            if consecutive_nonfinite >= training.max_consecutive_nonfinite:
+                error = NonFiniteLossError(
+                    f"step {done}: {consecutive_nonfinite} consecutive steps with a non-finite "
                     "loss (training.max_consecutive_nonfinite); lower optimizer.lr or check the data")
-        done = step + 1
+                error.all_ranks = True  # every rank saw the same reduced loss
+                raise error
         steps_in_interval += 1
         if losses_file is not None:
             with open(losses_file, "a") as handle:
-                handle.write(json.dumps({"step": done, **outcome.losses}) + "\n")
-        if done % cfg.training.log_interval == 0 or done == cfg.training.train_steps:
+                handle.write(json.dumps({"step": done, **losses}) + "\n")
+        if done % training.log_interval == 0 or done == training.train_steps:
             elapsed = time.perf_counter() - interval_start
             logger.log_train(
-                step=done, consumed_samples=done * cfg.data.global_batch_size,
-                consumed_tokens=done * tokens_per_step, losses=outcome.losses,
+                step=done, consumed_samples=result.consumed_samples,
+                consumed_tokens=result.consumed_tokens, losses=losses,
                 lr=outcome.learning_rate or 0.0, grad_norm=outcome.grad_norm,
                 step_time=elapsed / steps_in_interval, tokens_per_step=tokens_per_step,
                 skipped_steps=result.skipped_steps, nonfinite_steps=result.nonfinite_steps,
                 max_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                 else None)
             interval_start, steps_in_interval = time.perf_counter(), 0
-        if cfg.training.eval_steps and (done % cfg.training.eval_interval == 0
-                                        or done == cfg.training.train_steps):
-            evaluate(done)
-        if ckpt.save_dir and done % ckpt.save_interval == 0:
-            save(done)
-            saved = done
+        if save_dir and done % cfg.checkpoint.save_interval == 0:
+            save(done)  # before evaluating: an evaluation that fails loses no training
         if shutdown.requested():
             result.stopped_by_signal = shutdown.received
-            _print(f"received {shutdown.received}: checkpointing at step {done} and stopping")
+            _print(f"received {shutdown.received}: " + (
+                f"checkpointing at step {done} and stopping" if save_dir else
+                f"stopping at step {done} WITHOUT a checkpoint (checkpoint.save_dir is empty)"))
             break
-    shutdown.restore()
-    if ckpt.save_dir and done > saved:
+        if training.eval_steps and (done % training.eval_interval == 0
+                                    or done == training.train_steps):
+            evaluate(done)
+    if save_dir and done > (result.saved_step or 0):
         save(done)
-
-    if cfg.training.sample_tokens and tokenizer is not None:
-        result.sample = _sample(cfg, model, model_cfg, tokenizer)
-    logger.close()
-    return result
-
-
-def _resume_data(source, resumed, dp_world: int) -> None:
-    """Continue the training stream where the checkpoint left it.
-
-    Same data-parallel size: each rank reloads its own reader state (exact). A different
-    size cannot map reader states 1:1: mock data derives the position from the consumed
-    samples (exact, mock windows are layout-independent); the shard reader restarts at the
-    epoch position those samples correspond to, and the sample order changes (warned).
-    """
-    from megatron_jrt.data import MockTokens
-
-    if resumed.data_state is not None:
-        source.load_state_dict(resumed.data_state)
-        return
-    per_rank = resumed.consumed_samples // dp_world
-    if isinstance(source, MockTokens):
-        source.load_state_dict({"consumed": per_rank})
-        return
-    state = source.state_dict()
-    batches = per_rank // state["micro_batch_size"]
-    epoch, position = divmod(batches, source.batches_per_epoch)
-    source.load_state_dict({**state, "epoch": epoch, "position": position})
-    _print(f"WARNING: data-parallel size changed ({resumed.layout['dp']} -> {dp_world}): the "
-           f"shard reader restarts at epoch {epoch}, batch {position} (from "
-           f"{resumed.consumed_samples} consumed samples); the sample order differs from an "
-           "unchanged run, and samples near the switch may repeat or be skipped")
 
 
 def _sample(cfg: TrainConfig, model, model_cfg, tokenizer) -> str | None:
@@ -305,18 +367,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# Warnings from inside megatron-core that a user cannot act on: each missing optional
-# accelerator, once per module (`_accelerators()` says it in one line), its probe of non-leaf
-# .grad attributes, and torch's renaming of collectives megatron calls.
-_MEGATRON_NOISE = (
-    (UserWarning, "Transformer Engine and Apex are not installed"),
-    (UserWarning, "Apex is not installed"),
-    (UserWarning, "full scope is deprecated"),
-    (UserWarning, "The .grad attribute of a Tensor that is not a leaf"),
-    (FutureWarning, "`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)`"),
-)
-
-
 def _accelerators() -> str:
     """Which optional accelerators megatron-core will use (apex, Transformer Engine)."""
     from importlib.util import find_spec
@@ -329,30 +379,64 @@ def _accelerators() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import warnings
-
+    """Run `jrt-train`; the exit code says how it ended (`megatron_jrt.errors.ExitCode`)."""
     from megatron_jrt.distributed import destroy_distributed, init_distributed, read_launch_env
+    from megatron_jrt.quiet import silence_megatron_noise
+    from megatron_jrt.runlog import ConsoleLog, write_exit
 
-    for category, message in _MEGATRON_NOISE:
-        warnings.filterwarnings("ignore", message=message, category=category)
+    silence_megatron_noise()
     args = parse_args(argv)
+    launch = read_launch_env()
     try:
         cfg = load_config(args.config, args.set)
-        cfg.validate(world_size=read_launch_env().world_size)
+        cfg.validate(world_size=launch.world_size)
     except (ConfigError, FileNotFoundError) as error:
         print(f"jrt-train: config error: {error}", file=sys.stderr)
-        return 2
-    init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                     seed=cfg.training.seed)
-    _print(_accelerators())
-    try:
-        result = train(cfg)
-        if result.stopped_by_signal:
-            _print(f"jrt-train: stopped by {result.stopped_by_signal} after a checkpoint; "
-                   "resume with --set checkpoint.resume=auto")
-    finally:
-        destroy_distributed()
-    return 0
+        return ExitCode.CONFIG
+    run_dir = Path(cfg.logging.run_dir)
+    with ConsoleLog(run_dir, enabled=launch.rank == 0):
+        try:
+            init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
+                             seed=cfg.training.seed)
+            _print(_accelerators())
+            code, message = _outcome(train(cfg))
+            _print(f"jrt-train: {message}")
+        except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - reported in one line
+            code, message = _report_error(error, run_dir, launch.rank)
+        finally:
+            destroy_distributed()
+    if launch.rank == 0:
+        write_exit(run_dir, code, message)
+    return code
+
+
+def _outcome(result: TrainResult) -> tuple[ExitCode, str]:
+    """How a run that returned ended: trained out, or stopped by a signal (saved or not)."""
+    if result.stopped_by_signal is None:
+        return ExitCode.OK, f"done at step {result.last_step}"
+    if result.saved_step == result.last_step:
+        return ExitCode.STOPPED, (f"stopped by {result.stopped_by_signal} after a checkpoint at "
+                                  f"step {result.last_step}; resume with "
+                                  "--set checkpoint.resume=auto")
+    return ExitCode.STOPPED_UNSAVED, (
+        f"stopped by {result.stopped_by_signal} at step {result.last_step} without a checkpoint "
+        "(checkpoint.save_dir is empty): the steps of this run are lost")
+
+
+def _report_error(error: BaseException, run_dir: Path, rank: int) -> tuple[ExitCode, str]:
+    """One line on the console (rank 0, or the rank that alone hit it), the traceback to a file."""
+    from megatron_jrt.runlog import write_traceback
+
+    code = exit_code_for(error)
+    message = (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+    if isinstance(error, KeyboardInterrupt):
+        message = "aborted by a second Ctrl-C; no checkpoint of the steps since the last save"
+    path = write_traceback(run_dir, rank, error)
+    if rank == 0 or not getattr(error, "all_ranks", False):
+        where = f" on rank {rank}" if rank else ""
+        trace = f" (traceback: {path})" if path is not None else ""
+        print(f"jrt-train: error{where}: {message}{trace}", file=sys.stderr, flush=True)
+    return code, message
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import tempfile
@@ -294,16 +295,22 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:
         out.append((prefix, value))
 
 
-def format_config(cfg: TrainConfig) -> str:
-    """Every key, one `section.key: value` per line, then the resolved model architecture."""
+def format_config(cfg: TrainConfig, built: JRTModelConfig | None = None) -> str:
+    """Every key, one `section.key: value` per line, then the model architecture.
+
+    `built` is the model as the trainer builds it (the vocabulary comes from the tokenizer);
+    without it, the preset with its overrides.
+    """
     lines: list[tuple[str, Any]] = []
     _flatten("", config_to_dict(cfg), lines)
     text = [f"{key}: {_show(value)}" for key, value in lines]
     try:
-        model = cfg.model_config()
+        model = built or cfg.model_config()
     except ConfigError:
         return "\n".join(text)
-    text.append(f"# resolved model ({cfg.model.preset} + overrides)")
+    source = ("as built: vocabulary from the tokenizer" if built is not None
+              else f"{cfg.model.preset} + overrides")
+    text.append(f"# resolved model ({source})")
     text += [f"# model.resolved.{f.name}: {_show(getattr(model, f.name))}"
              for f in dataclasses.fields(model)]
     return "\n".join(text)
@@ -347,14 +354,21 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
         for name, tp in _field_types(type(obj)).items():
             _check_type(f"{section}.{name}", getattr(obj, name), tp)
 
+    values: list[tuple[str, Any]] = []
+    _flatten("", config_to_dict(cfg), values)
+    for key, value in values:  # NaN or inf anywhere ends a run in NaNs, or never ends it
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+
     positive = {
         "parallel.tensor_parallel", "parallel.pipeline_parallel", "data.seq_length",
+        "training.train_steps",
         "data.micro_batch_size", "data.global_batch_size", "training.max_consecutive_nonfinite",
         "training.eval_interval", "training.log_interval", "checkpoint.save_interval",
         "checkpoint.keep_last", "data.mock_vocab_size",
     }
     non_negative = {
-        "data.num_workers", "training.train_steps", "training.eval_steps", "training.sample_tokens",
+        "data.num_workers", "training.eval_steps", "training.sample_tokens",
         "optimizer.warmup_steps", "checkpoint.keep_every",
     }
     for key in sorted(positive | non_negative):
@@ -417,10 +431,11 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
         fail("data.seq_length", f"{data.seq_length} is longer than the model's "
                                 f"max_sequence_length {model.max_sequence_length}; lower "
                                 "data.seq_length or set model.overrides.max_sequence_length")
-    if model.prefix_length > data.seq_length:
-        fail("model.prefix_length", f"{model.prefix_length} is longer than data.seq_length "
-                                    f"{data.seq_length}; set model.overrides.prefix_length <= "
-                                    "data.seq_length")
+    if model.prefix_length >= data.seq_length:
+        fail("model.prefix_length", f"{model.prefix_length} leaves no next-token positions in "
+                                    f"data.seq_length {data.seq_length} (the NTP loss covers "
+                                    "positions prefix_length..seq_length-1); set "
+                                    "model.overrides.prefix_length < data.seq_length")
 
     if world_size is not None:
         if world_size <= 0 or world_size % (tp * pp):

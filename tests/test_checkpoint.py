@@ -128,26 +128,26 @@ def _run(run_dir: Path, **extra):
 
 
 def _failing_save_then_resume(run_dir: Path):
-    from megatron_jrt import checkpointing
+    from megatron_jrt.checkpoint import store
 
-    original = checkpointing._write_metadata
+    original = store.write_metadata
 
     def fail_at_step_4(directory, body):
         if body["step"] == 4:  # model, optimizer and rank files are written; not published
             raise OSError("injected failure while writing checkpoint step 4")
         original(directory, body)
 
-    checkpointing._write_metadata = fail_at_step_4
+    store.write_metadata = fail_at_step_4
     try:
         with pytest.raises(OSError, match="injected failure"):
             _run(run_dir)
     finally:
-        checkpointing._write_metadata = original
+        store.write_metadata = original
     ckpt = run_dir / "ckpt"
     state = {"dirs": sorted(p.name for p in ckpt.iterdir()),
              "latest": (ckpt / "latest").read_text().strip(),
              "first_losses": _losses(run_dir)}
-    checkpointing.verify_checkpoint(ckpt / "step_0000002")  # intact
+    store.verify_checkpoint(ckpt / "step_0000002")  # intact
     (run_dir / "losses.jsonl").unlink()
     result = _run(run_dir, **{"checkpoint.resume": "auto"})
     state["start_step"], state["resumed_losses"] = result.start_step, _losses(run_dir)
@@ -156,7 +156,7 @@ def _failing_save_then_resume(run_dir: Path):
 
 
 def _incompatible_resume(run_dir: Path, resume: str) -> str:
-    from megatron_jrt.checkpointing import CheckpointError
+    from megatron_jrt.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError) as info:
         _run(run_dir, **{"model.overrides.hidden_size": 128, "checkpoint.resume": resume})
@@ -166,8 +166,8 @@ def _incompatible_resume(run_dir: Path, resume: str) -> str:
 def test_failed_save_keeps_previous_checkpoint_and_errors_name_the_problem(tmp_path, capsys):
     import shutil
 
-    from checkpoints_tools.inspect import main as inspect_main
-    from megatron_jrt.checkpointing import CheckpointError, find_latest_complete, verify_checkpoint
+    from checkpoints_tools.inspect_checkpoint import main as inspect_main
+    from megatron_jrt.checkpoint import CheckpointError, find_latest_complete, verify_checkpoint
 
     run_dir = tmp_path / "run"
     state = launch(_failing_save_then_resume, 1, run_dir, in_process=True)[0]
@@ -226,7 +226,9 @@ def test_failed_save_keeps_previous_checkpoint_and_errors_name_the_problem(tmp_p
 
 
 def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
-    """SIGUSR1 (Slurm's warning before the time limit): save at the next step, exit 0."""
+    """SIGUSR1 (Slurm's warning before the time limit): save at the next step, exit STOPPED."""
+    from megatron_jrt.errors import ExitCode
+
     run_dir = tmp_path / "signalled"
     proc = subprocess.Popen(_train_cmd(run_dir, **{"training.train_steps": 100000,
                                                    "checkpoint.save_interval": 100000}),
@@ -242,10 +244,11 @@ def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    assert proc.returncode == ExitCode.STOPPED, out
     assert "received SIGUSR1: checkpointing at step" in out and "stopped by SIGUSR1" in out, out
+    assert json.loads((run_dir / "exit.json").read_text())["name"] == "STOPPED"
     latest = (run_dir / "ckpt" / "latest").read_text().strip()
-    from megatron_jrt.checkpointing import verify_checkpoint
+    from megatron_jrt.checkpoint import verify_checkpoint
 
     body = verify_checkpoint(run_dir / "ckpt" / latest)
     assert body["step"] == max(_losses(run_dir)) >= 2

@@ -89,7 +89,14 @@ def _err(tmp_path, data=None, sets=(), world_size=None):
     (None, ["checkpoint.resume=auto"], None, "checkpoint.resume: 'auto'"),
     (None, ["data.seq_length=128"], None, "data.seq_length: 128 is longer than the model's "
                                           "max_sequence_length 64"),
-    (None, ["data.seq_length=8"], None, "model.prefix_length: 16 is longer than data.seq_length"),
+    (None, ["data.seq_length=8"], None, "model.prefix_length: 16 leaves no next-token positions"),
+    # prefix == sequence: no position left for the next-token loss (it would log lm loss 0)
+    (None, ["data.seq_length=16"], None, "model.prefix_length: 16 leaves no next-token "
+                                         "positions in data.seq_length 16"),
+    (None, ["optimizer.lr=.inf"], None, "optimizer.lr: must be a finite number, got inf"),
+    (None, ["optimizer.adam_eps=.nan"], None, "optimizer.adam_eps: must be a finite number"),
+    (None, ["model.overrides.norm_eps=-.inf"], None, "model.overrides.norm_eps: must be a finite"),
+    (None, ["training.train_steps=0"], None, "training.train_steps: must be a positive integer"),
     (None, ["data.global_batch_size=7"], None, "data.global_batch_size: 7 is not divisible"),
     (None, [], 3, "data.global_batch_size: 8 is not divisible by data.micro_batch_size * "
                   "data_parallel = 2 * 3 = 6"),

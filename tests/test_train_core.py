@@ -53,7 +53,7 @@ def _train(use_distributed_optimizer: bool, pipeline_parallel: int = 1, init_par
     optimizer, scheduler = build_optimizer(
         chunks, lr=3e-3, min_lr=3e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
         adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=use_distributed_optimizer,
-        bf16=False, warmup_steps=1, decay_steps=10, global_batch_size=GLOBAL_BATCH,
+        bf16=False, warmup_steps=1, decay_steps=10,
     )
 
     def my_microbatches(batch):
@@ -151,7 +151,7 @@ def _bf16_steps(use_distributed_optimizer: bool):
     optimizer, scheduler = build_optimizer(
         chunks, lr=1e-3, min_lr=0.0, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
         adam_eps=1e-8, clip_grad=1.0, use_distributed_optimizer=use_distributed_optimizer,
-        bf16=True, warmup_steps=0, decay_steps=5, global_batch_size=GLOBAL_BATCH,
+        bf16=True, warmup_steps=0, decay_steps=5,
     )
     results = [train_step(gpt_forward_step, iter([batch]), chunks, optimizer, scheduler,
                           num_microbatches=1, seq_length=SEQ, micro_batch_size=GLOBAL_BATCH)

@@ -123,8 +123,8 @@ def _nan_run(overrides):
 
     real_forward_step = train_module._forward_step
 
-    def nan_forward_step(data_iterator, model):
-        output, loss_func = real_forward_step(data_iterator, model)
+    def nan_forward_step(data_iterator, model, **kwargs):
+        output, loss_func = real_forward_step(data_iterator, model, **kwargs)
         return output * float("nan"), loss_func
 
     train_module._forward_step = nan_forward_step

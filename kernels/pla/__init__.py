@@ -1,13 +1,20 @@
 """Prefix linear attention (PLA): one public API, kernels selected behind it.
 
 Triton kernels (kernels/pla/triton_pla.py) on CUDA when Triton is importable and the
-shape is supported; the PyTorch reference (kernels/pla/reference.py) otherwise.
+shape is supported; the PyTorch reference (kernels/pla/reference.py) otherwise. CPU tensors
+and masked batches take the reference by design; a CUDA call that falls back because the
+kernels failed to import or do not support its shape warns once per reason (about 1.3x
+slower training is worth knowing about, not worth stopping for).
+
 All tensors are head-major: q, k [B, H, N, f]; v [B, H, N, dv]; k_enc [B, H, M, f];
 v_enc [B, H, M, dv] (M <= N; the caller slices x[:, :M]). key_mask [B, N] bool
 (True = real token; may be longer than N to cover an encoder region M > N) drops
 left-padding keys from the encoder state and causal sums.
 """
 from __future__ import annotations
+
+import warnings
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -45,18 +52,45 @@ def triton_available() -> bool:
     return _load_triton() is not None
 
 
-def _use_triton(q: Tensor, v: Tensor, key_mask: Tensor | None) -> bool:
-    if not q.is_cuda or key_mask is not None:
-        return False
+_warned: set[str] = set()  # the kinds of fallback already warned about in this process
+
+
+def _warn_fallback_once(kind: str, reason: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(f"PLA: {reason}; using the PyTorch reference, about 1.3x slower training",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _cuda_triton() -> ModuleType | None:
+    """The Triton module for a CUDA call; None after warning once that it failed to import."""
     mod = _load_triton()
-    return mod is not None and mod.supports(q, v)
+    if mod is None:
+        _warn_fallback_once("import", "Triton kernels unavailable on CUDA "
+                            f"({type(_triton_error).__name__}: {_triton_error})")
+    return mod
+
+
+def _warn_unsupported(call: str) -> None:
+    _warn_fallback_once("shape", f"the Triton kernels do not support {call}")
+
+
+def _triton_for(q: Tensor, v: Tensor, key_mask: Tensor | None) -> ModuleType | None:
+    """The Triton module when it runs this full-sequence call, else None (the reference)."""
+    if not q.is_cuda or key_mask is not None:
+        return None
+    mod = _cuda_triton()
+    if mod is not None and not mod.supports(q, v):
+        _warn_unsupported(f"q {list(q.shape)} {q.dtype}, v {list(v.shape)}")
+        return None
+    return mod
 
 
 def prefix_linear_attention(q: Tensor, k: Tensor, v: Tensor, k_enc: Tensor, v_enc: Tensor,
                             eps: float = 1e-12, key_mask: Tensor | None = None) -> Tensor:
     """PLA over a full sequence: [B, H, N, dv] in v's dtype; differentiable."""
-    if _use_triton(q, v, key_mask):
-        return _triton.pla_triton(q, k, v, k_enc, v_enc, eps)
+    if (mod := _triton_for(q, v, key_mask)) is not None:
+        return mod.pla_triton(q, k, v, k_enc, v_enc, eps)
     return reference.pla_reference(q, k, v, k_enc, v_enc, eps, key_mask)
 
 
@@ -65,16 +99,17 @@ def pla_prefill(q: Tensor, k: Tensor, v: Tensor, k_enc: Tensor, v_enc: Tensor,
     """Forward-only PLA that also returns the fp32 state after all N tokens, for decoding.
 
     The state is unpacked ([B, H, 1 + f + f^2, dv]) whichever kernel ran."""
-    if _use_triton(q, v, key_mask):
-        return _triton.pla_prefill_triton(q, k, v, k_enc, v_enc, eps)
+    if (mod := _triton_for(q, v, key_mask)) is not None:
+        return mod.pla_prefill_triton(q, k, v, k_enc, v_enc, eps)
     return reference.pla_prefill_reference(q, k, v, k_enc, v_enc, eps, key_mask)
 
 
 def pla_decode_step(q: Tensor, k: Tensor, v: Tensor, state: PLAState, eps: float = 1e-12) -> Tensor:
     """One token for a batch: q, k [B, H, f]; v [B, H, dv]. Updates state in place
     (S += phi(k) v^T; z += phi(k)) and returns y [B, H, dv] = phi(q) S / (phi(q) . z + eps)."""
-    if q.is_cuda and state.S.dtype == torch.float32:
-        mod = _load_triton()
-        if mod is not None and mod.supports_decode(q, v, state):
+    if q.is_cuda and (mod := _cuda_triton()) is not None:
+        if state.S.dtype == torch.float32 and mod.supports_decode(q, v, state):
             return mod.pla_decode_step_triton(q, k, v, state, eps)
+        _warn_unsupported(f"decoding q {list(q.shape)}, v {list(v.shape)} with a "
+                          f"{state.S.dtype} state")
     return reference.pla_decode_step(q, k, v, state, eps)

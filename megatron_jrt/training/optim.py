@@ -27,14 +27,16 @@ def build_optimizer(
     bf16: bool,
     warmup_steps: int,
     decay_steps: int,
-    global_batch_size: int,
     lr_decay_style: str = "cosine",
 ):
     """Adam over DDP-wrapped ``model_chunks`` and its LR schedule -> (optimizer, scheduler).
 
-    ``warmup_steps`` and ``decay_steps`` count optimizer steps. As in Megatron-LM, the
-    scheduler counts samples: ``train_step`` advances it by ``global_batch_size`` per
-    successful step, so both are converted here. ``clip_grad`` <= 0 disables clipping.
+    ``warmup_steps`` and ``decay_steps`` count optimizer steps, and so does the scheduler:
+    ``train_step`` advances it by one per applied update. (Megatron-LM counts samples; steps
+    keep the schedule where the config says when the global batch changes on resume.)
+    The scheduler's values are the ones given here, also after loading a checkpoint
+    (``override_opt_param_scheduler``): the checkpoint contributes only its position.
+    ``clip_grad`` <= 0 disables clipping.
     The LR rises linearly from 0 over the warmup (step 0 uses lr 0, as in Megatron-LM),
     then decays to ``min_lr`` at ``decay_steps`` (``lr_decay_style``: "cosine", "linear",
     "constant", "inverse-square-root").
@@ -45,8 +47,6 @@ def build_optimizer(
         raise ValueError(f"need 0 <= min_lr ({min_lr}) <= lr ({lr})")
     if decay_steps <= 0 or not 0 <= warmup_steps < decay_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < decay_steps ({decay_steps})")
-    if global_batch_size <= 0:
-        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -67,12 +67,14 @@ def build_optimizer(
         init_lr=0.0,
         max_lr=lr,
         min_lr=min_lr,
-        lr_warmup_steps=warmup_steps * global_batch_size,
-        lr_decay_steps=decay_steps * global_batch_size,
+        lr_warmup_steps=warmup_steps,
+        lr_decay_steps=decay_steps,
         lr_decay_style=lr_decay_style,
         start_wd=weight_decay,
         end_wd=weight_decay,
-        wd_incr_steps=decay_steps * global_batch_size,
+        wd_incr_steps=decay_steps,
         wd_incr_style="constant",
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler

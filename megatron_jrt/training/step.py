@@ -19,9 +19,12 @@ microbatches before backward (unless ``config.calculate_per_token_loss``, where 
 is kept and ``finalize_model_grads`` divides the gradients by the tokens of the whole
 global batch). Each report value is a ``(sum, count)`` pair; ``reduce_losses`` sums
 pairs over microbatches and data-parallel ranks and reports ``sum / count``, the
-token-weighted mean over the global batch. The older 2-tuple form
-``loss_func -> (mean_loss, {name: scalar})`` also works: scalars are averaged over
-microbatches and data-parallel ranks.
+token-weighted mean over the global batch. The 2-tuple form
+``loss_func -> (loss, {name: report})`` divides ``loss`` by the number of microbatches only;
+reports may be pairs too, and a scalar report is averaged over microbatches and ranks.
+JRT's objective has two token counts (NTP and MLM), which one ``num_tokens`` cannot express:
+its loss_func (``megatron_jrt.train``) uses the 2-tuple form with the global counts known
+before the step (``megatron_jrt.loss``).
 """
 from __future__ import annotations
 
@@ -141,9 +144,7 @@ def train_step(
 
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful:
-        global_batch = (num_microbatches * micro_batch_size
-                        * parallel_state.get_data_parallel_world_size())
-        scheduler.step(increment=global_batch)
+        scheduler.step(increment=1)  # the schedule counts optimizer steps (training.optim)
     return StepResult(
         losses=losses,
         grad_norm=None if grad_norm is None else float(grad_norm),

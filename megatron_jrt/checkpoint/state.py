@@ -1,0 +1,329 @@
+"""Capture and restore a run's state with megatron-core dist_checkpointing (collective calls).
+
+What a checkpoint restores: model tensors (megatron ShardedTensors), the distributed
+optimizer's state in megatron's ``fully_reshardable`` format (gathered over DP at save, one
+tensor per parameter state with the parameter's own sharding in model space; megatron 0.16's
+``fully_sharded_model_space`` fails with "flattened_range is not supported"), so a checkpoint
+loads into any TP/PP/DP layout; the LR scheduler; step, consumed samples and tokens; and per
+rank the RNG states and the data reader's position. Those per-rank parts are restored only
+when the layout is unchanged (``CheckpointState.layout_changed``; the trainer then re-derives
+the data position from the consumed samples).
+
+Files, verification and publication are ``megatron_jrt.checkpoint.store``'s; here every rank
+takes part, and every decision that could differ between ranks (a file that fails to verify,
+too little free space) is agreed before anyone acts on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_jrt.checkpoint import store
+from megatron_jrt.checkpoint.store import METADATA, RANK_STATE_DIR, CheckpointError
+from megatron_jrt.distributed import agree
+from megatron_jrt.fsutil import sha256_file
+from megatron_jrt.megatron_workarounds import init_torch_adam_state, load_optimizer_state
+from megatron_jrt.platform import distributed_optimizer_checkpoint_metadata
+
+OPTIMIZER_SHARDING = "fully_reshardable"  # model-space tensors: reshard across TP, PP, DP
+
+
+@dataclass
+class CheckpointState:
+    """What `load_checkpoint` restored besides the model and optimizer tensors."""
+
+    path: Path
+    step: int
+    consumed_samples: int
+    consumed_tokens: int
+    config: dict  # what the saver passed as config_dict
+    layout: dict  # the saving run's {"tp", "pp", "dp", "world"}
+    layout_changed: bool  # TP, PP or DP differ from this run's
+    data_state: dict | None = None  # this rank's reader state; None when DP changed
+    rng_restored: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------- layout
+
+def current_layout() -> dict:
+    from megatron.core import parallel_state
+
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+            "world": torch.distributed.get_world_size()}
+
+
+def _rank_coords() -> dict:
+    from megatron.core import parallel_state
+
+    return {"rank": torch.distributed.get_rank(),
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp_rank": parallel_state.get_data_parallel_rank()}
+
+
+def _unwrap(chunk):
+    """The model inside DDP / Float16Module wrappers (their sharded_state_dict is the module's)."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    chunks = [_unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict:
+    state = _model_sharded_state_dict(model_chunks)
+    if optimizer is not None:
+        if is_loading:
+            init_torch_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
+                      **distributed_optimizer_checkpoint_metadata()})
+    return state
+
+
+# ------------------------------------------------------------------------------ RNG states
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ------------------------------------------------------------------ agreement across ranks
+
+def _on_rank0(action) -> Any:
+    """Run `action()` on rank 0; its CheckpointError is raised on every rank."""
+    result, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            result = action()
+        except CheckpointError as exc:
+            error = exc
+    agree(error)
+    box = [result]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _distributed_hashes(directory: Path, names: list[str]) -> dict[str, str]:
+    """sha256 of `names`, each rank hashing every world-th file (all ranks get the result)."""
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    mine = {n: sha256_file(directory / n) for i, n in enumerate(names) if i % world == rank}
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _verify_all_ranks(path: Path) -> dict:
+    """verify_checkpoint with hashing split across ranks; every rank raises if any rank failed."""
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    body, error = None, None
+    try:
+        body = store.verify_checkpoint(path, shard=(rank, world))
+    except CheckpointError as exc:
+        error = exc
+    agree(error)
+    return body
+
+
+def resolve_resume(resume: str, save_dir: str) -> tuple[Path | None, list[str]]:
+    """(the checkpoint `checkpoint.resume` names or None: start fresh, warnings), verified.
+
+    "none" -> None; "auto" -> the checkpoint published last in `save_dir` that verifies
+    (None if there is none; a warning for each later damaged one); a path -> that checkpoint
+    (a directory holding step directories is searched like "auto"), and an error if it does
+    not verify. Collective: every rank gets the same answer.
+    """
+    if resume == "none":
+        return None, []
+    target = Path(save_dir if resume == "auto" else resume)
+    if resume != "auto" and (target / METADATA).exists():
+        _verify_all_ranks(target)
+        return target, []
+    if resume != "auto" and not store.list_checkpoints(target):
+        raise CheckpointError(f"checkpoint.resume: {target} is not a checkpoint (no {METADATA}) "
+                              "and holds no step_* checkpoints")
+    return store.find_latest_complete(target, verify=_verify_all_ranks)
+
+
+# ----------------------------------------------------------------------------------- save
+
+def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler, *,
+                    config_dict: dict, data_state: dict | None, consumed_samples: int,
+                    consumed_tokens: int, keep_last: int = 0, keep_every: int = 0,
+                    fully_parallel: bool = True) -> Path:
+    """Save a checkpoint of `step` into `save_dir/step_XXXXXXX` (collective: call on all ranks).
+
+    `data_state` is this rank's reader state at the step boundary. Returns the published path.
+    Before writing, the free space is checked against the previous checkpoint's size. With
+    `keep_last` > 0, older checkpoints are then deleted except the last `keep_last` and every
+    step divisible by `keep_every` (> 0).
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    save_dir = Path(save_dir)
+    final, tmp = save_dir / store.step_dir_name(step), store.tmp_dir(save_dir, step)
+    rank, started = torch.distributed.get_rank(), time.perf_counter()
+
+    def prepare() -> None:
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            store.remove_stale_tmp(save_dir)  # e.g. the leftover of a killed save of this step
+            store.check_free_space(save_dir, store.previous_size(save_dir))
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint.save_dir {save_dir}: cannot write ({exc})") from exc
+
+    _on_rank0(prepare)
+
+    state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    state["step"], state["consumed_samples"] = step, consumed_samples
+    strategy = get_default_save_sharded_strategy()
+    if fully_parallel:
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True), True)
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
+
+    (tmp / RANK_STATE_DIR).mkdir(exist_ok=True)
+    rank_file = tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt"
+    with open(rank_file, "wb") as handle:
+        torch.save({**_rank_coords(), "rng": _rng_state(), "data_state": data_state}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    torch.distributed.barrier()
+
+    names = store.list_files(tmp) if rank == 0 else None
+    box = [names]
+    torch.distributed.broadcast_object_list(box, src=0)
+    hashes = _distributed_hashes(tmp, box[0])
+    if rank == 0:
+        body = {"format_version": store.FORMAT_VERSION, "step": step,
+                "sequence": store.next_sequence(save_dir),
+                "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
+                "layout": current_layout(),
+                "optimizer_sharding": OPTIMIZER_SHARDING if optimizer is not None else None,
+                "config": config_dict, "saved_at": store.saved_at(),
+                "files": {n: {"size": (tmp / n).stat().st_size, "sha256": hashes[n]}
+                          for n in box[0]}}
+        store.publish(tmp, final, body, keep_last=keep_last, keep_every=keep_every)
+        print(f"saved checkpoint {final} ({store.checkpoint_size(body) / 1e6:.1f} MB, "
+              f"{time.perf_counter() - started:.1f} s)", flush=True)
+    torch.distributed.barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------------- load
+
+def check_model_config(path: Path, saved: dict, expected: dict) -> None:
+    """CheckpointError listing every model-config field that differs."""
+    expected = json.loads(json.dumps(expected))  # tuples -> lists, as saved
+    keys = sorted(set(saved) | set(expected))
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {expected.get(k)!r}"
+            for k in keys if saved.get(k) != expected.get(k)]
+    if diff:
+        raise CheckpointError(f"{path}: incompatible model config (" + "; ".join(diff) + ")")
+
+
+def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *,
+                    expected_model_config: dict | None = None, verify: bool = True
+                    ) -> CheckpointState:
+    """Load checkpoint `path` into the (DDP-wrapped) model chunks, optimizer and scheduler.
+
+    Collective. Verifies the files first (unless `verify=False`, e.g. when
+    `resolve_resume` just did), refuses a checkpoint whose `config_dict["model"]` differs
+    from `expected_model_config`, then restores tensors (resharding to this run's layout),
+    the scheduler, and, when the layout is unchanged, this rank's RNG states.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    body = _verify_all_ranks(path) if verify else store.read_metadata(path)
+    if expected_model_config is not None:
+        check_model_config(path, body["config"].get("model", {}), expected_model_config)
+    layout = current_layout()
+    saved_layout = body["layout"]
+    changed = any(saved_layout[k] != layout[k] for k in ("tp", "pp", "dp"))
+
+    state = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
+    if body.get("optimizer_sharding") is None or optimizer is None:
+        state.pop("optimizer", None)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint's name
+        raise CheckpointError(f"{path}: cannot load model/optimizer tensors "
+                              f"({exc.__class__.__name__}: {exc})") from exc
+    chunks = [_unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])
+    if "optimizer" in loaded:
+        load_optimizer_state(optimizer, loaded["optimizer"])
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+
+    result = CheckpointState(path=path, step=int(body["step"]),
+                             consumed_samples=int(body["consumed_samples"]),
+                             consumed_tokens=int(body["consumed_tokens"]),
+                             config=body["config"], layout=saved_layout, layout_changed=changed)
+    if changed:
+        result.warnings.append(
+            f"checkpoint {path} was saved with TP={saved_layout['tp']} PP={saved_layout['pp']} "
+            f"DP={saved_layout['dp']}; this run has TP={layout['tp']} PP={layout['pp']} "
+            f"DP={layout['dp']}: model and optimizer are resharded; RNG states are re-seeded")
+    else:
+        rank = torch.distributed.get_rank()
+        rank_state = torch.load(path / RANK_STATE_DIR / f"rank_{rank:05d}.pt", weights_only=False)
+        _set_rng_state(rank_state["rng"])
+        result.rng_restored = True
+        result.data_state = rank_state["data_state"]
+    if saved_layout["dp"] == layout["dp"] and result.data_state is None and changed:
+        # TP/PP changed but not DP: a DP rank's reader state is the same on all its ranks.
+        from megatron.core import parallel_state
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        for file in sorted((path / RANK_STATE_DIR).glob("rank_*.pt")):
+            rank_state = torch.load(file, weights_only=False)
+            if rank_state["dp_rank"] == dp_rank:
+                result.data_state = rank_state["data_state"]
+                break
+    return result

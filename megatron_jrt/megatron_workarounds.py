@@ -1,0 +1,70 @@
+"""Workarounds for megatron-core 0.16.1 bugs that checkpointing hits (beside platform.py's CPU ones).
+
+Both concern the distributed optimizer over plain ``torch.optim.AdamW``, which megatron-core
+uses when neither apex nor Transformer Engine is installed. Remove them when an upgrade of
+megatron-core fixes the bug (the resume tests in tests/test_checkpoint*.py then still pass
+without them).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _torch_adam(optimizer) -> torch.optim.Optimizer | None:
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) else None
+
+
+def init_torch_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam its state tensors, "step" included, before a load.
+
+    megatron's DistributedOptimizer.state_dict() (called while building the loading state
+    dict) reads "step" from every parameter's state when neither apex nor TE is installed,
+    but its init_state_fn creates only exp_avg / exp_avg_sq. The values are overwritten by
+    the load.
+    """
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = _torch_adam(wrapper)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param.data)
+                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+def load_optimizer_state(optimizer, state) -> None:
+    """optimizer.load_state_dict, around a megatron 0.16 bug with torch Adam (no apex/TE).
+
+    DistributedOptimizer.load_state_dict puts "step" into every parameter's Adam state and
+    then, loading the `fully_reshardable` parameter state, copies every state key from the
+    checkpoint, which has no "step" (it lives in the param groups): KeyError 'step'. So the
+    parameter state is loaded here with the "step" entries set aside.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [state] if len(subs) == 1 else [state[k] for k in sorted(state)]
+    for sub, sub_state in zip(subs, states):
+        if not (isinstance(sub, DistributedOptimizer) and _torch_adam(sub) is not None
+                and sub_state.get("param_state_sharding_type") == "fully_reshardable"):
+            sub.load_state_dict(sub_state)
+            continue
+        sub_state = dict(sub_state)
+        param_state = sub_state.pop("param_state")
+        sub_state.pop("param_state_sharding_type")
+        sub.load_state_dict(sub_state)  # param groups and step
+        steps = {id(s): s.pop("step") for s in sub.optimizer.state.values() if "step" in s}
+        try:
+            sub.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for s in sub.optimizer.state.values():
+                if id(s) in steps:
+                    # load_state_dict gave all parameters ONE step tensor, and torch Adam
+                    # increments it in place per parameter: give each its own.
+                    s["step"] = steps[id(s)].clone()
+    if len(subs) > 1:
+        optimizer._synchronize_steps()

@@ -1,0 +1,85 @@
+"""Start-up checks: everything a run will need is tried before step 0, not found at step 1000.
+
+Each check runs where its answer is decided (rank 0 for shared folders, every rank for its
+own data reader) and the outcome is agreed across ranks (`distributed.agree`), so a failure
+stops every rank with the same one-line error instead of leaving peers waiting.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from megatron_jrt.checkpoint import CheckpointError, SaveDirLock
+from megatron_jrt.checkpoint.store import remove_stale_tmp
+from megatron_jrt.config import ConfigError
+from megatron_jrt.distributed import agree
+from megatron_jrt.errors import DataError
+
+
+def _rank0(action: Callable[[], object]) -> object:
+    """`action()` on rank 0, its error raised on every rank; the result (rank 0 only)."""
+    result, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            result = action()
+        except Exception as exc:  # noqa: BLE001 - agreed and re-raised on every rank
+            error = exc
+    agree(error)
+    return result
+
+
+def prepare_run_dir(run_dir: Path, write_config: Callable[[Path], None]) -> None:
+    """Create `logging.run_dir` and write the run's config into it (ConfigError if it cannot)."""
+    def prepare() -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(run_dir / "config.yaml")
+        except OSError as exc:
+            raise ConfigError(f"logging.run_dir: cannot write {run_dir} ({exc.strerror or exc}); "
+                              "choose a writable folder") from exc
+
+    _rank0(prepare)
+
+
+def lock_save_dir(save_dir: str) -> tuple[SaveDirLock | None, list[str]]:
+    """Take `checkpoint.save_dir`'s lock on rank 0 and clear leftovers of killed saves.
+
+    Returns (the lock on rank 0, None elsewhere or without a save_dir; notices to print).
+    Creating the lock file is also the check that the folder is writable.
+    """
+    if not save_dir:
+        return None, []
+
+    def take() -> tuple[SaveDirLock, list[str]]:
+        try:
+            lock = SaveDirLock(save_dir).acquire()
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint.save_dir: cannot write {save_dir} "
+                                  f"({exc.strerror or exc}); choose a writable folder") from exc
+        notices = [lock.warning] if lock.warning else []
+        removed = remove_stale_tmp(Path(save_dir))
+        if removed:
+            notices.append(f"removed the leftovers of killed saves in {save_dir}: "
+                           + ", ".join(removed))
+        return lock, notices
+
+    taken = _rank0(take)
+    return taken if taken is not None else (None, [])
+
+
+def open_data(open_split: Callable[[str], object], splits: list[str], *,
+              eval_steps: int) -> None:
+    """Open every data split the run will read; DataError naming the split and the fix."""
+    error = None
+    for split in splits:
+        try:
+            open_split(split)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            hint = ("; or set training.eval_steps=0 to train without validation"
+                    if split == "valid" and eval_steps else "")
+            error = DataError(f"{exc}{hint}")
+            error.__cause__ = exc
+            break
+    agree(error)
