@@ -31,6 +31,7 @@ class TrainResult:
     """What a run did, for callers and tests (every rank gets the same losses)."""
 
     losses: list[float] = field(default_factory=list)  # combined loss per step
+    learning_rates: list[float] = field(default_factory=list)  # lr each step used
     step_times: list[float] = field(default_factory=list)  # seconds per step (device synced)
     validation: list[dict[str, float]] = field(default_factory=list)
     nonfinite_steps: int = 0
@@ -154,7 +155,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
     from megatron_jrt.training.resume import (apply_optimizer_config, restore_data_position,
                                               resume_notice)
     from megatron_jrt.training.shutdown import ShutdownSignal
-    from megatron_jrt.training.step import eval_step, train_step
+    from megatron_jrt.training.step import eval_step
 
     world = torch.distributed.get_world_size()
     run_dir = Path(cfg.logging.run_dir)
@@ -295,6 +296,7 @@ def _loop(cfg: TrainConfig, result: TrainResult, train_batches, chunks, optimize
         loss = losses.get("loss", math.nan)  # a host value: the step has finished
         result.step_times.append(time.perf_counter() - step_start)
         result.losses.append(loss)
+        result.learning_rates.append(outcome.learning_rate or 0.0)
         result.skipped_steps += int(outcome.skipped)
         done = result.last_step = step + 1
         result.consumed_samples += cfg.data.global_batch_size

@@ -5,10 +5,8 @@ main cost (the first dist_checkpointing save of a process spawns a helper, ~6 s)
 """
 import contextlib
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,23 +14,9 @@ import psutil
 import pytest
 import torch
 
-from tests.multiproc import free_port, launch
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "mock-tiny.yaml")
-
-
-def _overrides(run_dir: Path, **extra) -> list[str]:
-    values = {"training.train_steps": 4, "training.eval_steps": 0, "optimizer.decay_steps": 8,
-              "logging.run_dir": str(run_dir), "logging.tensorboard": False,
-              "checkpoint.save_dir": str(run_dir / "ckpt"), "checkpoint.save_interval": 2,
-              **extra}
-    return [f"{k}={v}" for k, v in values.items()]
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "losses.jsonl").read_text().splitlines()
-    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+from tests import runs
+from tests.multiproc import launch
+from tests.runs import REPO
 
 
 def _tensors(ckpt: Path, scratch: Path) -> dict[str, torch.Tensor]:
@@ -54,24 +38,12 @@ def _tensors(ckpt: Path, scratch: Path) -> dict[str, torch.Tensor]:
     return flat
 
 
-def _train_cmd(run_dir: Path, **extra) -> list[str]:
-    cmd = [sys.executable, "-m", "megatron_jrt.train", "--config", CONFIG]
-    for item in _overrides(run_dir, **extra):
-        cmd += ["--set", item]
-    return cmd
-
-
-def _env() -> dict:
-    return {**os.environ, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO)}
-
-
 def test_sigkill_then_resume_is_bit_exact(tmp_path):
     """4 steps straight == 2 steps, SIGKILL, resume auto, 2 more: losses and weights exact."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     # The killed run would train 1000 steps (same LR schedule: decay_steps is fixed).
-    proc = subprocess.Popen(_train_cmd(killed, **{"training.train_steps": 1000}), cwd=REPO,
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(runs.train_cmd(killed, **{"training.train_steps": 1000}), cwd=REPO,
+                            env=runs.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = killed / "ckpt" / "latest"
     deadline = time.monotonic() + 240
     helpers = []
@@ -95,13 +67,13 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert latest.read_text().strip() == "step_0000002"
 
     # The straight run meanwhile (2 cores: run one after the other).
-    subprocess.run(_train_cmd(straight), cwd=REPO, env=_env(), check=True, timeout=300,
+    subprocess.run(runs.train_cmd(straight), cwd=REPO, env=runs.env(), check=True, timeout=300,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    before = _losses(killed)
+    before = runs.losses(killed)
     (killed / "losses.jsonl").unlink()
-    subprocess.run(_train_cmd(killed, **{"checkpoint.resume": "auto"}), cwd=REPO, env=_env(),
+    subprocess.run(runs.train_cmd(killed, **{"checkpoint.resume": "auto"}), cwd=REPO, env=runs.env(),
                    check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    reference, resumed = _losses(straight), _losses(killed)
+    reference, resumed = runs.losses(straight), runs.losses(killed)
     assert sorted(resumed) == [3, 4], resumed  # resumed after step 2, not from scratch
     assert [before[s] for s in (1, 2)] == [reference[s] for s in (1, 2)]
     assert [resumed[s] for s in (3, 4)] == [reference[s] for s in (3, 4)]  # exact
@@ -116,17 +88,6 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # In-process (one rank): a save that fails before publication, then damage and bad configs.
 
-def _run(run_dir: Path, **extra):
-    from megatron_jrt.distributed import init_distributed
-    from megatron_jrt.train import train
-    from megatron_jrt.train_config import load_config
-
-    cfg = load_config(CONFIG, _overrides(run_dir, **extra))
-    init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
-                     seed=cfg.training.seed)
-    return train(cfg)
-
-
 def _failing_save_then_resume(run_dir: Path):
     from megatron_jrt.checkpoint import store
 
@@ -140,17 +101,17 @@ def _failing_save_then_resume(run_dir: Path):
     store.write_metadata = fail_at_step_4
     try:
         with pytest.raises(OSError, match="injected failure"):
-            _run(run_dir)
+            runs.run_in_process(run_dir)
     finally:
         store.write_metadata = original
     ckpt = run_dir / "ckpt"
     state = {"dirs": sorted(p.name for p in ckpt.iterdir()),
              "latest": (ckpt / "latest").read_text().strip(),
-             "first_losses": _losses(run_dir)}
+             "first_losses": runs.losses(run_dir)}
     store.verify_checkpoint(ckpt / "step_0000002")  # intact
     (run_dir / "losses.jsonl").unlink()
-    result = _run(run_dir, **{"checkpoint.resume": "auto"})
-    state["start_step"], state["resumed_losses"] = result.start_step, _losses(run_dir)
+    result = runs.run_in_process(run_dir, **{"checkpoint.resume": "auto"})
+    state["start_step"], state["resumed_losses"] = result.start_step, runs.losses(run_dir)
     state["dirs_after"] = sorted(p.name for p in ckpt.iterdir())
     return state
 
@@ -159,7 +120,7 @@ def _incompatible_resume(run_dir: Path, resume: str) -> str:
     from megatron_jrt.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError) as info:
-        _run(run_dir, **{"model.overrides.hidden_size": 128, "checkpoint.resume": resume})
+        runs.run_in_process(run_dir, **{"model.overrides.hidden_size": 128, "checkpoint.resume": resume})
     return str(info.value)
 
 
@@ -230,13 +191,13 @@ def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     from megatron_jrt.errors import ExitCode
 
     run_dir = tmp_path / "signalled"
-    proc = subprocess.Popen(_train_cmd(run_dir, **{"training.train_steps": 100000,
+    proc = subprocess.Popen(runs.train_cmd(run_dir, **{"training.train_steps": 100000,
                                                    "checkpoint.save_interval": 100000}),
-                            cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            cwd=REPO, env=runs.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 120
     try:
-        while not (run_dir / "losses.jsonl").exists() or len(_losses(run_dir)) < 2:
+        while not (run_dir / "losses.jsonl").exists() or len(runs.losses(run_dir)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGUSR1)
@@ -251,4 +212,4 @@ def test_sigusr1_checkpoints_and_exits_cleanly(tmp_path):
     from megatron_jrt.checkpoint import verify_checkpoint
 
     body = verify_checkpoint(run_dir / "ckpt" / latest)
-    assert body["step"] == max(_losses(run_dir)) >= 2
+    assert body["step"] == max(runs.losses(run_dir)) >= 2
