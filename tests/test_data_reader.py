@@ -1,5 +1,4 @@
 """PackedSequenceReader: packing, equal counts per rank, resume equivalence, integrity errors."""
-import gzip
 import json
 import logging
 import shutil
@@ -8,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.corpus import bundled_corpus_paths
-from data_prep.documents import iter_all_documents
 from data_prep.reader import ManifestError, PackedSequenceReader, ShardError, read_shard
 from data_prep.shards import write_shards
-from data_prep.tokenizer import load_tokenizer, train_sentencepiece
+from data_prep.tokenizer import load_tokenizer
+from tests.smalldata import small_corpus
 
 L, B = 128, 4
 WINDOW = 4096  # tokens: ~7 sequences, so windows, shards and epochs all get crossed
@@ -22,12 +20,7 @@ WINDOW = 4096  # tokens: ~7 sequences, so windows, shards and epochs all get cro
 def data(tmp_path_factory):
     """~200 bundled documents, vocab 1000, 10k-token shards: ~30 train shards."""
     root = tmp_path_factory.mktemp("data")
-    corpus = root / "c.jsonl.gz"
-    with gzip.open(bundled_corpus_paths()[0], "rt") as f, gzip.open(corpus, "wt") as g:
-        for i, line in zip(range(200), f):
-            g.write(line)
-    tok = root / "tok.model"
-    train_sentencepiece(iter_all_documents([corpus]), tok, vocab_size=1000)
+    corpus, tok = small_corpus(root)
     write_shards([str(corpus)], str(tok), root / "shards", shard_size="10k", valid_fraction=0.05,
                  valid_shards=4, workers=2, progress=False, log=lambda s: None)
     return root

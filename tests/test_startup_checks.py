@@ -4,7 +4,6 @@ In-process runs of configs/mock-tiny.yaml (or small shards of the bundled corpus
 fault is expected before step 1, or, for faults that can only happen later, with the work
 before it safe in a checkpoint.
 """
-import gzip
 import json
 import signal
 from pathlib import Path
@@ -13,23 +12,16 @@ import pytest
 
 from tests import runs
 from tests.multiproc import launch
+from tests.smalldata import small_corpus
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """A tokenizer and two shard runs of 200 bundled documents: with and without a valid split."""
-    from data_prep.corpus import bundled_corpus_paths
-    from data_prep.documents import iter_all_documents
     from data_prep.shards import write_shards
-    from data_prep.tokenizer import train_sentencepiece
 
     root = tmp_path_factory.mktemp("shards")
-    corpus = root / "c.jsonl.gz"
-    with gzip.open(bundled_corpus_paths()[0], "rt") as f, gzip.open(corpus, "wt") as g:
-        for _, line in zip(range(200), f):
-            g.write(line)
-    tok = root / "tok.model"
-    train_sentencepiece(iter_all_documents([corpus]), tok, vocab_size=1000)
+    corpus, tok = small_corpus(root)
     for name, fraction in (("with_valid", 0.02), ("no_valid", 0.0)):
         write_shards([str(corpus)], str(tok), root / name, shard_size="20k",
                      valid_fraction=fraction, valid_shards=1, workers=1, progress=False,
