@@ -4,13 +4,45 @@
     jrt-prep shards --input 'data/*.jsonl.gz' --tokenizer tok.model --out shards/ --shard-size 64M
     jrt-prep tokenizer --bundled ...   /   jrt-prep shards --bundled ...   (the corpus in the repo)
     jrt-prep verify --data shards/     (every shard against manifest.json; exit 1 if any is bad)
+
+Exit codes: 0 done, 1 `verify` found a bad shard, 2 an error it knows (one line: `jrt-prep CMD: error: ...`),
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (one line: `jrt-prep CMD: interrupted (SIGINT); ...`).
 """
 import argparse
+import contextlib
+import signal
 import sys
 import time
 from pathlib import Path
 
-from data_prep.documents import InputError, ReadStats, expand_inputs, iter_all_documents
+from data_prep.documents import TEXT_UNITS, InputError, ReadStats, expand_inputs, iter_all_documents
+from data_prep.layout import MANIFEST, published_shards
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised in the main thread: both stop a run the same way (its cleanup runs, the
+    exit code is 128 + signal number). Not KeyboardInterrupt: under `python -m`, a KeyboardInterrupt that
+    passed through exec() (dataclasses do that during imports) makes CPython end by SIGINT, even when caught."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_raise_interrupted():
+    # a signal the parent set to be ignored stays ignored, as Python leaves it (nohup, `cmd &` in a script)
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    previous = {s: signal.signal(s, _raise_interrupted) for s in handled}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _inputs(args) -> list[str]:
@@ -26,27 +58,32 @@ def _inputs(args) -> list[str]:
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", action="extend", metavar="FILE_OR_GLOB",
-                   help=".txt/.txt.gz (one document per file) or .jsonl/.jsonl.gz (one per line, field --text-key)")
+                   help=".txt/.txt.gz (one document per file, see --split-text) or .jsonl/.jsonl.gz "
+                        "(one per line, field --text-key)")
     p.add_argument("--bundled", action="store_true", help="add the corpus shipped in data_prep/corpus")
     p.add_argument("--text-key", default="text", help="JSON field holding the document text (default: text)")
+    p.add_argument("--split-text", choices=TEXT_UNITS, default="file",
+                   help="what one document of a .txt input is: the whole file (default), each paragraph "
+                        "(text between blank lines) or each non-blank line; jsonl records are never split")
     p.add_argument("--strict-utf8", action="store_true",
                    help="fail on bytes that are not UTF-8 (default: replace them with U+FFFD and warn)")
 
 
 def cmd_tokenizer(args) -> int:
-    from data_prep.tokenizer import load_tokenizer, train_sentencepiece
+    from data_prep.tokenizer import TrainingError, load_tokenizer, train_sentencepiece
 
     stats = ReadStats()
     paths = expand_inputs(_inputs(args))
     t0 = time.perf_counter()
-    docs = iter_all_documents(paths, args.text_key, "strict" if args.strict_utf8 else "replace", stats)
+    docs = iter_all_documents(paths, args.text_key, "strict" if args.strict_utf8 else "replace", stats,
+                              args.split_text)
     try:
         train_sentencepiece(docs, args.out, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
-                            num_threads=args.threads, seed=args.seed)
-    except RuntimeError as e:  # sentencepiece reports bad training input as RuntimeError
+                            num_threads=args.threads, seed=args.seed, overwrite=args.overwrite)
+    except TrainingError as e:
         if stats.documents == 0:
             raise InputError(f"no documents in {', '.join(map(str, paths))}: the inputs are empty") from e
-        raise ValueError(f"SentencePiece training failed: {e}") from e
+        raise
     tok = load_tokenizer(args.out)
     for f in stats.files_with_bad_utf8:
         print(f"warning: {f}: bytes that are not UTF-8 were replaced by U+FFFD", file=sys.stderr)
@@ -61,8 +98,20 @@ def cmd_shards(args) -> int:
     write_shards(_inputs(args), args.tokenizer, args.out, shard_size=args.shard_size,
                  valid_fraction=args.valid_fraction, valid_shards=args.valid_shards, workers=args.workers,
                  text_key=args.text_key, strict_utf8=args.strict_utf8, overwrite=args.overwrite,
-                 progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+                 progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr),
+                 split_text=args.split_text)
     return 0
+
+
+def _shards_left_behind(out_dir: str) -> str:
+    """What a `shards` run stopped by a signal left in its folder (the writer deletes the shard it was
+    writing; the ones before it are complete)."""
+    out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        return f"{out} holds a finished run ({MANIFEST} is in place)"
+    shards = published_shards(out)
+    past = f" past {shards[-1]}" if shards else ""
+    return f"nothing published{past}: no {MANIFEST} in {out}, so it reads as unfinished; run the command again"
 
 
 def cmd_verify(args) -> int:
@@ -92,12 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer (pad 0, unk 1, eod 2, [MASK] 3)")
     _add_input_args(t)
-    t.add_argument("--vocab-size", type=int, default=32000)
-    t.add_argument("--out", required=True, help="output .model path")
+    t.add_argument("--vocab-size", type=int, default=32000,
+                   help="pieces in the vocabulary, the 4 special ones included (default 32000; at least 261)")
+    t.add_argument("--out", required=True, help="the .model file to write (not a folder)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="lines sampled for training (bounds time and memory; default 2M)")
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2, help="SentencePiece training threads (default 2)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the line sampling (default 0)")
     t.set_defaults(func=cmd_tokenizer)
 
     s = sub.add_parser("shards", help="tokenise into webdataset .tar shards + manifest.json")
@@ -105,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", required=True, help="SentencePiece .model path, or gpt2:/dir (GPT-2 layout)")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--shard-size", default="64M", help="tokens per shard, e.g. 500k, 64M (default 64M)")
-    s.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out (default 0.01)")
-    s.add_argument("--valid-shards", type=int, default=8, help="validation shards to write (default 8)")
-    s.add_argument("--workers", type=int, default=2, help="tokeniser processes (default 2)")
+    s.add_argument("--valid-fraction", type=float, default=0.01,
+                   help="share of documents held out, in [0, 1) (default 0.01; 0: no validation split)")
+    s.add_argument("--valid-shards", type=int, default=8,
+                   help="validation shards to write (default 8; at least 1 unless --valid-fraction is 0)")
+    s.add_argument("--workers", type=int, default=2, help="tokeniser processes (default 2; 1: in this process)")
     s.add_argument("--overwrite", action="store_true", help="replace a finished shard run in --out")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_shards)
 
     v = sub.add_parser("verify", help="check all shards of --data against manifest.json")
@@ -121,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (InputError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:  # incl. ManifestError
+        with _signals_raise_interrupted():
+            return args.func(args)
+    except Interrupted as e:
+        note = f"; {_shards_left_behind(args.out)}" if args.command == "shards" else ""
+        print(f"jrt-prep {args.command}: interrupted ({e.signal.name}){note}", file=sys.stderr)
+        return 128 + e.signal
+    # InputError and ManifestError are ValueErrors; WorkerError (a tokeniser process died) a ChildProcessError
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, ChildProcessError) as e:
         print(f"jrt-prep {args.command}: error: {e}", file=sys.stderr)
         return 2
 

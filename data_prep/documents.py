@@ -1,5 +1,9 @@
-"""Reading input documents: .txt / .txt.gz (one document per file) and .jsonl / .jsonl.gz
-(one document per line, field "text").
+"""Reading input documents: .txt / .txt.gz (one document per file, or per paragraph or line with
+`split_text`) and .jsonl / .jsonl.gz (one document per line, field "text").
+
+`split_text` applies to .txt files only: a jsonl record is a document boundary its writer chose, so
+it is never cut further. "paragraph": the text between blank lines (lines of whitespace only);
+"line": each non-blank line. The separators (line breaks, blank lines) are not part of any document.
 
 Bytes that are not UTF-8 are replaced by U+FFFD and counted (`errors="replace"`, the default),
 or raise an error naming the file and byte offset (`errors="strict"`).
@@ -13,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".json.gz")
+TEXT_UNITS = ("file", "paragraph", "line")  # what one document of a .txt file is
 
 
 class InputError(ValueError):
@@ -67,14 +72,42 @@ def _decode(raw: bytes, path: Path, where: str, errors: str, stats: ReadStats) -
         return raw.decode("utf-8", errors="replace")
 
 
+def _txt_lines(path: Path, errors: str, stats: ReadStats) -> Iterator[str]:
+    """Lines of a .txt file without their line breaks, read one at a time: a large file is never whole in
+    memory."""
+    for lineno, raw in enumerate(_read_bytes_lines(path), 1):
+        yield _decode(raw, path, f":{lineno}", errors, stats).rstrip("\r\n")
+
+
+def _paragraphs(lines: Iterator[str]) -> Iterator[str]:
+    paragraph: list[str] = []
+    for line in lines:
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield "\n".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _iter_txt(path: Path, split_text: str, errors: str, stats: ReadStats) -> Iterator[str]:
+    if split_text == "file":
+        yield _decode(b"".join(_read_bytes_lines(path)), path, "", errors, stats)
+    elif split_text == "paragraph":
+        yield from _paragraphs(_txt_lines(path, errors, stats))
+    else:
+        yield from (line for line in _txt_lines(path, errors, stats) if line.strip())
+
+
 def iter_documents(path: Path, text_key: str = "text", errors: str = "replace",
-                   stats: ReadStats | None = None) -> Iterator[str]:
+                   stats: ReadStats | None = None, split_text: str = "file") -> Iterator[str]:
     """Documents of one input file, empty ones (whitespace only) skipped and counted."""
+    if split_text not in TEXT_UNITS:
+        raise ValueError(f"--split-text {split_text!r}: expected one of {', '.join(TEXT_UNITS)}")
     stats = stats if stats is not None else ReadStats()
-    name = path.name
-    if name.endswith((".txt", ".txt.gz")):
-        text = _decode(b"".join(_read_bytes_lines(path)), path, "", errors, stats)
-        docs = [text]
+    if path.name.endswith((".txt", ".txt.gz")):
+        docs = _iter_txt(path, split_text, errors, stats)
     else:
         docs = _iter_jsonl(path, text_key, errors, stats)
     for doc in docs:
@@ -104,6 +137,6 @@ def _iter_jsonl(path: Path, text_key: str, errors: str, stats: ReadStats) -> Ite
 
 
 def iter_all_documents(paths: list[Path], text_key: str = "text", errors: str = "replace",
-                       stats: ReadStats | None = None) -> Iterator[str]:
+                       stats: ReadStats | None = None, split_text: str = "file") -> Iterator[str]:
     for p in paths:
-        yield from iter_documents(p, text_key, errors, stats)
+        yield from iter_documents(p, text_key, errors, stats, split_text)

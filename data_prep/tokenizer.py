@@ -12,6 +12,7 @@ vocab_size = 50264 (50257 padded), eod = pad = 50256 (<|endoftext|>), mask = 502
 """
 import hashlib
 import io
+import re
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
@@ -19,6 +20,9 @@ from megatron_jrt.fsutil import atomic_write_bytes
 
 PAD_ID, UNK_ID, EOD_ID, MASK_ID = 0, 1, 2, 3
 MASK_PIECE = "[MASK]"
+# Every trained vocabulary holds the 4 special pieces, the 256 byte-fallback pieces and each distinct
+# character of the training text (character coverage 1.0), so no corpus can do with fewer than this.
+MIN_VOCAB_SIZE = 4 + 256 + 1
 
 GPT2_VOCAB_SIZE = 50264  # 50257 rounded up to a multiple of 8
 GPT2_EOD_ID = 50256
@@ -141,6 +145,43 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return SentencePieceTokenizer(spec)
 
 
+class TrainingError(ValueError):
+    """SentencePiece could not train on the input; the message is in jrt-prep's terms."""
+
+
+# SentencePiece's messages name its own options (--vocab_size, --character_coverage, ...), which
+# jrt-prep does not have; the ones a user can meet get a jrt-prep sentence instead.
+_SPM_TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+_SPM_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+
+
+def _explain_training_error(message: str) -> str:
+    """SentencePiece's error `message` as advice in jrt-prep's flags; sentences naming its options are dropped."""
+    if m := _SPM_TOO_LARGE.search(message):
+        return (f"--vocab-size {m[1]} is more than SentencePiece can learn from this input (at most {m[2]} "
+                f"pieces); pass --vocab-size {m[2]} or less, or give it more text (more input, or a larger "
+                "--max-sentences)")
+    if m := _SPM_TOO_SMALL.search(message):
+        return (f"--vocab-size {m[1]} is too small for this input: it needs {m[2]} pieces (4 special, 256 bytes "
+                f"and each distinct character of the text); pass --vocab-size {m[2]} or more")
+    sentences = re.split(r"(?<=\.)\s+", message.strip())
+    return "SentencePiece training failed: " + " ".join(s for s in sentences if "--" not in s)
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB_SIZE} (4 special pieces, "
+                         "256 byte pieces and the characters of the text); 8000-64000 is usual")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a folder, and an existing file unless `overwrite` (as `jrt-prep shards` does for its folder)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; --out is the .model file to write, e.g. {out / 'tok.model'}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
+
+
 def _training_lines(docs: Iterable[str], max_chars: int) -> Iterator[str]:
     for doc in docs:
         for line in doc.split("\n"):
@@ -150,26 +191,33 @@ def _training_lines(docs: Iterable[str], max_chars: int) -> Iterator[str]:
 
 
 def train_sentencepiece(docs: Iterable[str], out: str | Path, vocab_size: int = 32000,
-                        max_sentences: int = 2_000_000, num_threads: int = 2, seed: int = 0) -> Path:
+                        max_sentences: int = 2_000_000, num_threads: int = 2, seed: int = 0,
+                        overwrite: bool = False) -> Path:
     """Train a BPE SentencePiece model on the lines of `docs`, written atomically to `out`.
 
     byte_fallback, split_digits and character_coverage=1.0, special ids as in the module docstring.
     At most `max_sentences` lines (sampled with a fixed seed) are used, which bounds the time.
+    An existing `out` is replaced only with `overwrite`. Raises TrainingError when SentencePiece fails.
     """
     import sentencepiece as spm
 
+    out = Path(out)
+    _check_vocab_size(vocab_size)
+    _check_out(out, overwrite)
     spm.set_random_generator_seed(seed)
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(docs, 8192), model_writer=buf,
-        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
-        character_coverage=1.0, pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOD_ID, bos_id=-1,
-        control_symbols=[MASK_PIECE], input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, max_sentence_length=16384, num_threads=num_threads,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, minloglevel=2,
-    )
-    out = Path(out)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(docs, 8192), model_writer=buf,
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+            character_coverage=1.0, pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOD_ID, bos_id=-1,
+            control_symbols=[MASK_PIECE], input_sentence_size=max_sentences,
+            shuffle_input_sentence=True, max_sentence_length=16384, num_threads=num_threads,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, minloglevel=2,
+        )
+    except RuntimeError as e:  # sentencepiece reports bad training input as RuntimeError
+        raise TrainingError(_explain_training_error(str(e))) from e
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buf.getvalue())
     tok = SentencePieceTokenizer(out)

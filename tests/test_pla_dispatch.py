@@ -91,3 +91,15 @@ def test_unsupported_shape_warns_once_with_its_own_reason(kernels_state):
     assert len(messages) == 1, messages
     assert "the Triton kernels do not support q [1, 2, 12, 8] torch.float32" in messages[0]
     assert "PyTorch reference" in messages[0]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_supported_shapes_take_triton_without_a_warning():
+    device = torch.device("cuda")
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k = (torch.randn(2, 4, 256, 16, device=device, generator=g, dtype=torch.bfloat16)
+            for _ in range(2))
+    v = torch.randn(2, 4, 256, 64, device=device, generator=g, dtype=torch.bfloat16)
+    assert pla.triton_available(), pla._triton_error
+    assert _fallback_warnings([lambda: prefix_linear_attention(q, k, v, k[:, :, :64],
+                                                               v[:, :, :64])]) == []
