@@ -158,9 +158,10 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
 
 def destroy_distributed() -> None:
     """Tear down megatron's model-parallel state and the process group (safe to repeat)."""
-    from megatron.core import parallel_state
+    import sys
 
-    if parallel_state.model_parallel_is_initialized():
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # None: never set up
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

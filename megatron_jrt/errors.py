@@ -31,9 +31,12 @@ class NonFiniteLossError(RuntimeError):
 
 def exit_code_for(error: BaseException) -> ExitCode:
     """The exit code of a run that ended with `error`."""
-    from data_prep.reader import ManifestError, ShardError
-    from megatron_jrt.checkpoint import CheckpointError
-    from megatron_jrt.config import ConfigError
+    try:
+        from data_prep.reader import ManifestError, ShardError
+        from megatron_jrt.checkpoint import CheckpointError
+        from megatron_jrt.config import ConfigError
+    except ImportError:  # a broken install: `error` may be this very import failing
+        return ExitCode.ERROR
 
     for kinds, code in (((ConfigError,), ExitCode.CONFIG),
                         ((DataError, ManifestError, ShardError), ExitCode.DATA),
