@@ -11,15 +11,14 @@ import pytest
 
 from checkpoints_tools import cli
 from tests.multiproc import launch
-from tests.test_checkpoint import _run
+from tests.runs import REPO, run_in_process
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def save_dir(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ckpt_cli") / "run"
-    launch(_run, 1, run_dir, in_process=True)
+    launch(run_in_process, 1, run_dir, in_process=True)
     return run_dir / "ckpt"
 
 
