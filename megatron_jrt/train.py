@@ -120,7 +120,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model_cfg = _built_model_config(cfg, tokenizer)
     _print(format_config(cfg, built=model_cfg))
     prepare_run_dir(Path(cfg.logging.run_dir), partial(save_config, cfg))
-    lock, notices = lock_save_dir(cfg.checkpoint.save_dir)
+    lock, notices = lock_save_dir(cfg.checkpoint.save_dir, cfg.checkpoint.resume)
     for notice in notices:
         _print(f"WARNING: {notice}")
     try:
@@ -160,6 +160,24 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
     world = torch.distributed.get_world_size()
     run_dir = Path(cfg.logging.run_dir)
     mask_id = tokenizer.mask_id if tokenizer is not None else cfg.data.mock_vocab_size
+    # Data first (cheap, and most often wrong): every split the run reads is opened now,
+    # not at the first evaluation.
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_world = parallel_state.get_data_parallel_world_size()
+    tokenizer_hash = tokenizer.hash if tokenizer is not None else None
+
+    def make_batches(split: str) -> JRTBatches:
+        source = build_token_source(cfg.data, split, dp_rank=dp_rank, dp_world_size=dp_world,
+                                    seed=cfg.training.seed, tokenizer_hash=tokenizer_hash)
+        return JRTBatches(source, prefix_length=model_cfg.prefix_length, mask_id=mask_id,
+                          seed=cfg.training.seed + (split == "valid"),
+                          global_batch_size=cfg.data.global_batch_size, dp_rank=dp_rank,
+                          dp_world_size=dp_world)
+
+    splits = ["train", "valid"] if cfg.training.eval_steps else ["train"]
+    open_data(make_batches, splits, eval_steps=cfg.training.eval_steps)
+    train_batches = make_batches("train")
+
     bf16 = cfg.training.bf16 and torch.cuda.is_available()  # CPU runs are fp32
     transformer_config = model_cfg.to_transformer_config(
         tensor_parallel=cfg.parallel.tensor_parallel,
@@ -179,23 +197,6 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
         clip_grad=opt.clip_grad, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         bf16=bf16, warmup_steps=opt.warmup_steps,
         decay_steps=opt.decay_steps or cfg.training.train_steps, lr_decay_style=opt.lr_decay_style)
-
-    # Data: every split the run reads is opened now, not at the first evaluation.
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_world = parallel_state.get_data_parallel_world_size()
-    tokenizer_hash = tokenizer.hash if tokenizer is not None else None
-
-    def make_batches(split: str) -> JRTBatches:
-        source = build_token_source(cfg.data, split, dp_rank=dp_rank, dp_world_size=dp_world,
-                                    seed=cfg.training.seed, tokenizer_hash=tokenizer_hash)
-        return JRTBatches(source, prefix_length=model_cfg.prefix_length, mask_id=mask_id,
-                          seed=cfg.training.seed + (split == "valid"),
-                          global_batch_size=cfg.data.global_batch_size, dp_rank=dp_rank,
-                          dp_world_size=dp_world)
-
-    splits = ["train", "valid"] if cfg.training.eval_steps else ["train"]
-    open_data(make_batches, splits, eval_steps=cfg.training.eval_steps)
-    train_batches = make_batches("train")
 
     # Checkpoint: resume (model, optimizer, scheduler, RNG, data position, counters).
     ckpt = cfg.checkpoint

@@ -100,6 +100,7 @@ def _save_dir_faults(tmp: Path) -> dict:
     (stale / "half_written.distcp").write_bytes(b"x" * 1000)
     runs.run_in_process(tmp / "stale", **{"training.train_steps": 2})
     out["stale_left"] = stale.exists()
+    runs.run_in_process(tmp / "stale", **{"training.train_steps": 2})  # forgot resume=auto
 
     real_usage = store.shutil.disk_usage
 
@@ -123,7 +124,9 @@ def test_save_dir_faults_are_found_before_writing(tmp_path, capsys):
     assert kind == "CheckpointError" and not trained, out
     assert "checkpoint.save_dir: cannot write" in message and "a_file" in message
     assert not out["stale_left"]
-    assert "removed the leftovers of killed saves" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "removed the leftovers of killed saves" in printed
+    assert "holds checkpoints up to step 2, but checkpoint.resume is 'none'" in printed
     kind, message, files = out["full"]
     assert kind == "CheckpointError", out
     assert "GB free, a checkpoint needs about" in message and "checkpoint.keep_last" in message

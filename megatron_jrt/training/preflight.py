@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_jrt.checkpoint import CheckpointError, SaveDirLock
+from megatron_jrt.checkpoint import CheckpointError, SaveDirLock, list_checkpoints
 from megatron_jrt.checkpoint.store import remove_stale_tmp
 from megatron_jrt.config import ConfigError
 from megatron_jrt.distributed import agree
@@ -43,11 +43,12 @@ def prepare_run_dir(run_dir: Path, write_config: Callable[[Path], None]) -> None
     _rank0(prepare)
 
 
-def lock_save_dir(save_dir: str) -> tuple[SaveDirLock | None, list[str]]:
+def lock_save_dir(save_dir: str, resume: str) -> tuple[SaveDirLock | None, list[str]]:
     """Take `checkpoint.save_dir`'s lock on rank 0 and clear leftovers of killed saves.
 
     Returns (the lock on rank 0, None elsewhere or without a save_dir; notices to print).
-    Creating the lock file is also the check that the folder is writable.
+    Creating the lock file is also the check that the folder is writable. A fresh start
+    (`resume: none`) into a folder that holds checkpoints is said, not silently done.
     """
     if not save_dir:
         return None, []
@@ -59,6 +60,12 @@ def lock_save_dir(save_dir: str) -> tuple[SaveDirLock | None, list[str]]:
             raise CheckpointError(f"checkpoint.save_dir: cannot write {save_dir} "
                                   f"({exc.strerror or exc}); choose a writable folder") from exc
         notices = [lock.warning] if lock.warning else []
+        found = list_checkpoints(save_dir)
+        if found and resume == "none":
+            notices.append(f"checkpoint.save_dir {save_dir} holds checkpoints up to step "
+                           f"{found[-1][0]}, but checkpoint.resume is 'none': this run starts "
+                           "at step 0 and its saves count as newer; set checkpoint.resume=auto "
+                           "to continue instead")
         removed = remove_stale_tmp(Path(save_dir))
         if removed:
             notices.append(f"removed the leftovers of killed saves in {save_dir}: "
