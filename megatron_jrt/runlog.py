@@ -23,17 +23,25 @@ EXIT_FILE = "exit.json"
 
 
 class _Tee:
-    """A text stream that writes to the console stream and to the log file."""
+    """A text stream that writes to the console stream and, while it can, to the log file."""
 
     def __init__(self, console: TextIO, log: TextIO):
         self._console, self._log = console, log
 
     def write(self, text: str) -> int:
-        self._log.write(text)
+        if self._log is not None:
+            try:
+                self._log.write(text)
+            except (OSError, ValueError):  # a full disk, a closed file: keep the console
+                self._log = None
         return self._console.write(text)
 
     def flush(self) -> None:
-        self._log.flush()
+        if self._log is not None:
+            try:
+                self._log.flush()
+            except (OSError, ValueError):
+                self._log = None
         self._console.flush()
 
     def __getattr__(self, name):  # isatty, fileno, encoding, ...: the console's

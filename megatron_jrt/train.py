@@ -393,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         cfg.validate(world_size=launch.world_size)
-    except (ConfigError, FileNotFoundError) as error:
-        print(f"jrt-train: config error: {error}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as error:  # every rank reads the same config
+        if launch.rank == 0:
+            print(f"jrt-train: config error: {error}", file=sys.stderr)
         return ExitCode.CONFIG
     run_dir = Path(cfg.logging.run_dir)
     with ConsoleLog(run_dir, enabled=launch.rank == 0):
