@@ -1,6 +1,9 @@
 """megatron-jrt: pretraining stack for JRT-RNN on megatron-core."""
 from setuptools import find_packages, setup
 
+# jrt-convert and the Hugging Face model (megatron_jrt/hf/); the range tests/test_hf.py passes on.
+HF = ["transformers>=5.24,<5.25", "safetensors>=0.4"]
+
 setup(
     name="megatron-jrt",
     version="0.1.0",
@@ -27,13 +30,18 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2"], "gpt2": ["tokenizers"]},
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2", *HF],
+        "gpt2": ["tokenizers"],
+        "hf": HF,
+    },
     entry_points={
         "console_scripts": [
             "jrt-prep=data_prep.cli:main",
             "jrt-train=megatron_jrt.train:main",
             "jrt-demo=megatron_jrt.demo:main",
             "jrt-ckpt=checkpoints_tools.cli:main",
+            "jrt-convert=checkpoints_tools.convert:main",
         ]
     },
 )
