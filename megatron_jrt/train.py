@@ -226,6 +226,10 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
         result.start_step = result.saved_step = resumed.step
         result.consumed_samples, result.consumed_tokens = (resumed.consumed_samples,
                                                            resumed.consumed_tokens)
+        if ckpt.init_from:
+            _print("checkpoint.init_from: not used, the run resumes from its own checkpoint")
+    elif ckpt.init_from:
+        _init_weights(ckpt, chunks, config_dict["model"])
     elif ckpt.resume == "auto":
         _print(f"checkpoint.resume=auto: no checkpoint in {ckpt.save_dir}; starting at step 0")
 
@@ -275,6 +279,18 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
     if cfg.training.sample_tokens and tokenizer is not None and not result.stopped_by_signal:
         result.sample = _sample(cfg, model, model_cfg, tokenizer)
     return result
+
+
+def _init_weights(ckpt, chunks, model_config: dict) -> None:
+    """checkpoint.init_from: the model weights of a checkpoint; all else starts fresh."""
+    from megatron_jrt.checkpoint import load_model_weights, resolve_resume
+
+    path, problems = resolve_resume(ckpt.init_from, ckpt.save_dir, key="checkpoint.init_from")
+    for problem in problems:
+        _print(f"WARNING: {problem}")
+    body = load_model_weights(path, chunks, expected_model_config=model_config, verify=False)
+    _print(f"initialised the model from {path} (step {body['step']} of the run that saved it); "
+           "optimizer, LR schedule and data start fresh at step 0")
 
 
 def _loop(cfg: TrainConfig, result: TrainResult, train_batches, chunks, optimizer, scheduler,

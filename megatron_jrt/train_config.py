@@ -102,6 +102,11 @@ class CheckpointSection:
     resume: str = "none"  # none | auto (latest in save_dir) | path to a checkpoint
     keep_last: int = 3
     keep_every: int = 0  # also keep every Nth step's checkpoint; 0: off
+    # Start from these model weights (a checkpoint or a save_dir: its newest) with a fresh
+    # optimizer, schedule and data position (fine-tuning, continued pretraining). Used only
+    # when there is nothing to resume: a run that resumes (resume=auto found a checkpoint)
+    # continues from its own checkpoint instead.
+    init_from: str = ""
 
 
 @dataclass
@@ -417,6 +422,12 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
         if not ckpt.resume or not Path(ckpt.resume).exists():
             fail("checkpoint.resume", f"{ckpt.resume!r} is not 'none', 'auto' or an existing "
                                       "checkpoint path")
+    if ckpt.init_from and not Path(ckpt.init_from).exists():
+        fail("checkpoint.init_from", f"{ckpt.init_from!r} does not exist; give a checkpoint "
+                                     "directory or a save_dir")
+    if ckpt.init_from and ckpt.resume not in ("none", "auto"):
+        fail("checkpoint.init_from", "is for starting a run; with checkpoint.resume set to a "
+                                     "checkpoint it would never be used: set one of the two")
     if ckpt.resume == "auto" and not ckpt.save_dir:
         fail("checkpoint.resume", "'auto' resumes from the latest checkpoint in "
                                   "checkpoint.save_dir, which is empty; set save_dir")

@@ -103,3 +103,27 @@ def test_the_printed_config_shows_the_model_as_built(four_runs):
     # mock-tiny: random tokens from 256 ids plus [MASK]; the preset's own vocabulary is 50264.
     assert "# model.resolved.vocab_size: 257" in four_runs["printed1"]
     assert "vocab_size: 50264" not in four_runs["printed1"]
+
+
+def _init_from_runs(root: Path) -> dict:
+    fixed = {"optimizer.decay_steps": 8, "training.eval_steps": 1}
+    source, _ = _run(root / "source", **fixed, **{"training.train_steps": 2,
+                                                  "training.eval_interval": 2})
+    init = {**fixed, "checkpoint.init_from": str(root / "source" / "ckpt"),
+            "training.train_steps": 1, "training.eval_interval": 1}
+    started, printed = _run(root / "started", **init)
+    again, printed_again = _run(root / "started", **{**init, "checkpoint.resume": "auto",
+                                                     "training.train_steps": 2})
+    return {"source_valid": source.validation[-1], "started": started, "printed": printed,
+            "again_start": again.start_step, "printed_again": printed_again}
+
+
+def test_init_from_takes_the_weights_only_and_a_resumable_run_resumes_instead(tmp_path):
+    out = launch(_init_from_runs, 1, tmp_path, in_process=True)[0]
+    started = out["started"]
+    assert started.start_step == 0 and started.learning_rates == [0.0]  # a fresh schedule
+    # Step 1 of a fresh warmup has lr 0, so its validation sees the source's step-2 weights.
+    assert started.validation[0] == out["source_valid"]
+    assert "initialised the model from" in out["printed"] and "step 2 of the run" in out["printed"]
+    assert out["again_start"] == 1  # resume=auto found the run's own checkpoint
+    assert "checkpoint.init_from: not used" in out["printed_again"]

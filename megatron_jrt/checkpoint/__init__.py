@@ -6,12 +6,14 @@ verify, find the newest); ``state`` captures and restores the run (collective ca
 """
 from megatron_jrt.checkpoint.lock import SaveDirLock, SaveDirLocked
 from megatron_jrt.checkpoint.state import (CheckpointState, check_model_config, current_layout,
-                                           load_checkpoint, resolve_resume, save_checkpoint)
+                                           load_checkpoint, load_model_weights, resolve_resume,
+                                           save_checkpoint)
 from megatron_jrt.checkpoint.store import (FORMAT_VERSION, LATEST, METADATA, CheckpointError,
                                            find_latest_complete, list_checkpoints, read_metadata,
                                            step_dir_name, verify_checkpoint)
 
 __all__ = ["CheckpointError", "CheckpointState", "SaveDirLock", "SaveDirLocked",
-           "save_checkpoint", "load_checkpoint", "find_latest_complete", "resolve_resume",
-           "verify_checkpoint", "read_metadata", "list_checkpoints", "step_dir_name",
-           "check_model_config", "current_layout", "FORMAT_VERSION", "METADATA", "LATEST"]
+           "save_checkpoint", "load_checkpoint", "load_model_weights", "find_latest_complete",
+           "resolve_resume", "verify_checkpoint", "read_metadata", "list_checkpoints",
+           "step_dir_name", "check_model_config", "current_layout", "FORMAT_VERSION", "METADATA",
+           "LATEST"]

@@ -159,13 +159,14 @@ def _verify_all_ranks(path: Path) -> dict:
     return body
 
 
-def resolve_resume(resume: str, save_dir: str) -> tuple[Path | None, list[str]]:
+def resolve_resume(resume: str, save_dir: str, key: str = "checkpoint.resume"
+                   ) -> tuple[Path | None, list[str]]:
     """(the checkpoint `checkpoint.resume` names or None: start fresh, warnings), verified.
 
     "none" -> None; "auto" -> the checkpoint published last in `save_dir` that verifies
     (None if there is none; a warning for each later damaged one); a path -> that checkpoint
     (a directory holding step directories is searched like "auto"), and an error if it does
-    not verify. Collective: every rank gets the same answer.
+    not verify. Collective: every rank gets the same answer. `key` names the setting in errors.
     """
     if resume == "none":
         return None, []
@@ -174,7 +175,7 @@ def resolve_resume(resume: str, save_dir: str) -> tuple[Path | None, list[str]]:
         _verify_all_ranks(target)
         return target, []
     if resume != "auto" and not store.list_checkpoints(target):
-        raise CheckpointError(f"checkpoint.resume: {target} is not a checkpoint (no {METADATA}) "
+        raise CheckpointError(f"{key}: {target} is not a checkpoint (no {METADATA}) "
                               "and holds no step_* checkpoints")
     return store.find_latest_complete(target, verify=_verify_all_ranks)
 
@@ -262,6 +263,38 @@ def check_model_config(path: Path, saved: dict, expected: dict) -> None:
         raise CheckpointError(f"{path}: incompatible model config (" + "; ".join(diff) + ")")
 
 
+def load_model_weights(path: str | Path, model_chunks, *, expected_model_config: dict,
+                       verify: bool = True) -> dict:
+    """Only the model tensors of checkpoint `path`, resharded to this layout.
+
+    For `checkpoint.init_from`: no optimizer, scheduler, RNG or data state is read, so a
+    training checkpoint and a weights-only one (`jrt-convert from-hf`) both work. Verifies
+    the files first unless `verify=False` (`resolve_resume` just did). Returns the
+    checkpoint's metadata body. Collective.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    body = _verify_all_ranks(path) if verify else store.read_metadata(path)
+    check_model_config(path, body["config"].get("model", {}), expected_model_config)
+    try:
+        loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(path))
+    except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint's name
+        raise CheckpointError(f"{path}: cannot load the model tensors "
+                              f"({exc.__class__.__name__}: {exc})") from exc
+    _load_model(model_chunks, loaded)
+    return body
+
+
+def _load_model(model_chunks, loaded: dict) -> None:
+    chunks = [_unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])
+
+
 def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *,
                     expected_model_config: dict | None = None, verify: bool = True
                     ) -> CheckpointState:
@@ -290,12 +323,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *,
     except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint's name
         raise CheckpointError(f"{path}: cannot load model/optimizer tensors "
                               f"({exc.__class__.__name__}: {exc})") from exc
-    chunks = [_unwrap(c) for c in model_chunks]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    _load_model(model_chunks, loaded)
     if "optimizer" in loaded:
         load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
