@@ -42,6 +42,7 @@ setup(
             "jrt-demo=megatron_jrt.demo:main",
             "jrt-ckpt=checkpoints_tools.cli:main",
             "jrt-convert=checkpoints_tools.convert:main",
+            "jrt-generate=megatron_jrt.generate_cli:main",
         ]
     },
 )

@@ -5,6 +5,11 @@ imports only torch, transformers and its own config. It computes what megatron_j
 computes (tests/test_hf.py holds the two to 1e-4): pre-norm blocks of a mixer (prefix linear
 attention, sliding-window attention or BaseConv) and a SwiGLU MLP, a final RMSNorm and a tied
 LM head. Generation keeps a recurrent cache (`JRTCache`): O(1) memory per token.
+
+Padding (`attention_mask` zeros, normally on the left) makes tokens invisible: PLA drops masked
+keys from its encoder and causal sums, sliding-window attention masks them, BaseConv zeroes
+them, and positions count real tokens only, so a padded row computes what it computes alone.
+The encoder region of a row is its first `prefix_length` REAL tokens.
 """
 from __future__ import annotations
 
@@ -28,24 +33,34 @@ _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 # ------------------------------------------------------------------------- recurrent cache
 
 class JRTCache:
-    """Per-layer recurrent state after `seq_length` tokens: PLA (S, z) in fp32, the BaseConv
-    conv tail, the sliding-window keys/values of the last `swa_window` tokens."""
+    """Per-layer recurrent state: PLA (S, z) in fp32, the BaseConv conv tail, the sliding-window
+    keys/values (and key mask) of the last `swa_window` columns.
+
+    `seq_length` counts the columns the model read; `hidden_columns` of them are read-twice
+    padding the caller never passed, so `get_seq_length()` (what generate slices input_ids by)
+    excludes them. `token_counts` [b] counts each row's real (unmasked) tokens: its positions."""
 
     is_compileable = False
-    is_linear = True  # fixed-size state: generate must feed only the new tokens
 
     def __init__(self, num_layers: int):
         self.layers: list[tuple[Tensor, ...] | None] = [None] * num_layers
+        self.is_linear = [True] * num_layers  # fixed-size state per layer
         self.seq_length = 0
+        self.hidden_columns = 0
+        self.token_counts: Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seq_length
+        return self.seq_length - self.hidden_columns
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         """Beam search: keep the states of the chosen beams."""
-        self.layers = [None if state is None else tuple(t.index_select(0, beam_idx.to(t.device))
-                                                        for t in state)
+        def pick(t: Tensor) -> Tensor:
+            return t.index_select(0, beam_idx.to(t.device))
+
+        self.layers = [None if state is None else tuple(pick(t) for t in state)
                        for state in self.layers]
+        if self.token_counts is not None:
+            self.token_counts = pick(self.token_counts)
 
 
 # ------------------------------------------------------------------ prefix linear attention
@@ -58,20 +73,22 @@ def taylor_features(x: Tensor) -> Tensor:
                       outer / (math.sqrt(2.0) * math.sqrt(f))], dim=-1)
 
 
-def causal_taylor_attention(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tensor
-                            ) -> tuple[Tensor, Tensor, Tensor]:
+def causal_taylor_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, S: Tensor,
+                            z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Causal Taylor linear attention starting from state (S [b,h,D,dv], z [b,h,D]).
 
     Chunk by chunk: earlier tokens through the state, the chunk's own by 1 + s + s^2/2 under a
-    causal mask. Returns y [b,h,n,dv] and the state after the last token (all in S's dtype)."""
+    causal mask. A masked key (key_mask [b, n] False) adds nothing, as in kernels/pla/reference.
+    Returns y [b,h,n,dv] and the state after the last token (all in S's dtype)."""
     f = q.shape[-1]
     q, k, v = q.to(S.dtype), k.to(S.dtype), v.to(S.dtype)
+    keep = key_mask[:, None, :, None].to(S.dtype)  # [b, 1, n, 1]
     outputs = []
     for start in range(0, q.shape[2], PLA_CHUNK):
-        qc, kc, vc = (t[:, :, start:start + PLA_CHUNK] for t in (q, k, v))
-        phi_q, phi_k = taylor_features(qc), taylor_features(kc)
+        qc, kc, vc, keep_c = (t[:, :, start:start + PLA_CHUNK] for t in (q, k, v, keep))
+        phi_q, phi_k = taylor_features(qc), taylor_features(kc) * keep_c
         s = qc @ kc.transpose(-1, -2) / math.sqrt(f)
-        scores = (1 + s + 0.5 * s * s).tril()
+        scores = (1 + s + 0.5 * s * s).tril() * keep_c.transpose(-1, -2)
         numerator = phi_q @ S + scores @ vc
         denominator = (phi_q @ z.unsqueeze(-1)).squeeze(-1) + scores.sum(-1)
         outputs.append(numerator / (denominator + PLA_EPS).unsqueeze(-1))
@@ -80,9 +97,14 @@ def causal_taylor_attention(q: Tensor, k: Tensor, v: Tensor, S: Tensor, z: Tenso
     return torch.cat(outputs, dim=2), S, z
 
 
+def encoder_mask(key_mask: Tensor, prefix_length: int) -> Tensor:
+    """[b, n] bool: each row's first `prefix_length` real tokens (all real ones if fewer)."""
+    return key_mask & (key_mask.cumsum(dim=1) <= prefix_length)
+
+
 class PrefixLinearAttention(nn.Module):
     """PLA: causal Taylor linear attention whose state starts at the sum over the encoder
-    region (the first min(prefix_length, n) tokens) of phi(k_enc) v_enc^T."""
+    region (each row's first min(prefix_length, n) real tokens) of phi(k_enc) v_enc^T."""
 
     def __init__(self, config: JRTConfig):
         super().__init__()
@@ -100,17 +122,24 @@ class PrefixLinearAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None, position: int
-                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def encoder_state(self, x: Tensor, key_mask: Tensor, dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor]:
+        """(S_e, z_e): the sums of phi(k_enc) v_enc^T and phi(k_enc) over the encoder region."""
+        in_encoder = encoder_mask(key_mask, self.prefix_length)
+        span = int(in_encoder.any(dim=0).nonzero().max()) + 1 if in_encoder.any() else 0
+        prefix = x[:, :span]  # the columns holding every row's encoder tokens
+        k_enc = self._heads(self.k_enc_proj(prefix)).to(dtype)
+        v_enc = self._heads(self.v_enc_proj(prefix)).to(dtype)
+        phi = taylor_features(k_enc) * in_encoder[:, None, :span, None].to(dtype)
+        return phi.transpose(-1, -2) @ v_enc, phi.sum(-2)
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None, positions: Tensor,
+                key_mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
         if state is None:  # the sequence starts here: sum the encoder region into the state
-            prefix = x[:, :self.prefix_length]
-            k_enc = self._heads(self.k_enc_proj(prefix)).to(accumulate)
-            v_enc = self._heads(self.v_enc_proj(prefix)).to(accumulate)
-            phi = taylor_features(k_enc)
-            state = (phi.transpose(-1, -2) @ v_enc, phi.sum(-2))
-        y, S, z = causal_taylor_attention(q, k, v, *state)
+            state = self.encoder_state(x, key_mask, torch.float64 if x.dtype == torch.float64
+                                       else torch.float32)
+        y, S, z = causal_taylor_attention(q, k, v, key_mask, *state)
         b, _, n, _ = y.shape
         return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(b, n, -1)), (S, z)
 
@@ -123,17 +152,20 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
-    """Rotary over the whole head, non-interleaved (megatron's rotate-half), fp32 angles."""
+    """Rotary over the whole head, non-interleaved (megatron's rotate-half), fp32 angles.
+    x [b, h, n, d]; positions [b, n]."""
     dim = x.shape[-1]
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
-    angles = torch.outer(positions.to(torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
     return x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)
 
 
-def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, window: int
+                             ) -> Tensor:
     """q [b,h,n,d] are the last n of the m positions of k, v; each query sees itself and the
-    `window` keys before it. Query blocks of `window` keep memory O(n * window)."""
+    unmasked (key_mask [b, m]) of the `window` keys before it. A query always sees itself so
+    that a padding query has a finite output. Query blocks keep memory O(n * window)."""
     n, m = q.shape[2], k.shape[2]
     first = m - n  # key index of query 0
     block = max(window, 1)
@@ -143,7 +175,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
         lo, hi = max(0, first + start - window), first + stop
         query_pos = torch.arange(first + start, first + stop, device=q.device).unsqueeze(1)
         key_pos = torch.arange(lo, hi, device=q.device).unsqueeze(0)
-        allowed = (key_pos <= query_pos) & (key_pos >= query_pos - window)
+        in_window = (key_pos <= query_pos) & (key_pos >= query_pos - window)
+        allowed = in_window & (key_mask[:, None, None, lo:hi] | (key_pos == query_pos))
         outputs.append(F.scaled_dot_product_attention(
             q[:, :, start:stop], k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=allowed))
     return torch.cat(outputs, dim=2)
@@ -162,19 +195,20 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None, position: int
-                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor, Tensor] | None, positions: Tensor,
+                key_mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.num_heads, -1).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        positions = torch.arange(position, position + n, device=x.device)
         q, k = apply_rotary(q, positions, self.rotary_base), apply_rotary(k, positions,
                                                                           self.rotary_base)
         if state is not None:
-            k, v = torch.cat([state[0], k], dim=2), torch.cat([state[1], v], dim=2)
-        y = sliding_window_attention(q, k, v, self.window)
+            past_k, past_v, past_mask = state
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            key_mask = torch.cat([past_mask, key_mask], dim=1)
+        y = sliding_window_attention(q, k, v, key_mask, self.window)
         return (self.o_proj(y.transpose(1, 2).reshape(b, n, -1)),
-                (k[:, :, -self.window:], v[:, :, -self.window:]))
+                (k[:, :, -self.window:], v[:, :, -self.window:], key_mask[:, -self.window:]))
 
 
 # --------------------------------------------------------------------------------- BaseConv
@@ -189,10 +223,10 @@ class BaseConv(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(2 * d, 1, config.conv_kernel))
         self.out_proj = nn.Linear(2 * d, d)
 
-    def forward(self, x: Tensor, state: tuple[Tensor] | None, position: int
-                ) -> tuple[Tensor, tuple[Tensor]]:
+    def forward(self, x: Tensor, state: tuple[Tensor] | None, positions: Tensor,
+                key_mask: Tensor) -> tuple[Tensor, tuple[Tensor]]:
         u1, u2 = self.in_proj(x).chunk(2, dim=-1)
-        u1 = u1.transpose(1, 2)  # [b, channels, n]
+        u1 = (u1 * key_mask.unsqueeze(-1).to(u1.dtype)).transpose(1, 2)  # [b, channels, n]
         tail = u1.new_zeros(*u1.shape[:2], self.kernel - 1) if state is None else state[0]
         u1 = torch.cat([tail.to(u1.dtype), u1], dim=-1)
         conv = F.conv1d(u1, self.conv_weight, groups=u1.shape[1])
@@ -201,6 +235,44 @@ class BaseConv(nn.Module):
 
 
 MIXERS = {"P": PrefixLinearAttention, "S": SlidingWindowAttention, "C": BaseConv}
+
+
+# ------------------------------------------------------------------------------ padding
+
+def new_tokens_mask(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """[b, n] bool, False at padding, for the n tokens of `input_ids`: the last n columns of
+    a mask over the whole sequence (what generate passes) or a mask of just these tokens."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.dim() != 2 or attention_mask.shape[1] < input_ids.shape[1]:
+        raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)} must be 2-D and "
+                         f"cover the {input_ids.shape[1]} tokens of input_ids")
+    return attention_mask[:, -input_ids.shape[1]:].bool()
+
+
+def read_twice_pad(prompt: Tensor, prefix_length: int) -> Tensor:
+    """The prompt repeated to fill the encoder region, then the prompt itself (JRT_SPEC.md
+    section 5; megatron_jrt.generate.read_twice_pad, repeated here as this file stands alone)."""
+    if len(prompt) >= prefix_length:
+        return prompt
+    repeats = -(-prefix_length // len(prompt))
+    return torch.cat([prompt.repeat(repeats)[-prefix_length:], prompt])
+
+
+def read_twice_rows(input_ids: Tensor, attention_mask: Tensor | None, prefix_length: int
+                    ) -> tuple[Tensor, Tensor]:
+    """Each row's real tokens read-twice padded, left-padded (with 0) to one width: (ids, mask)."""
+    real = new_tokens_mask(input_ids, attention_mask)
+    if not bool(real.any(dim=1).all()):
+        raise ValueError("a prompt row has no unmasked token")
+    rows = [read_twice_pad(ids[keep], prefix_length) for ids, keep in zip(input_ids, real)]
+    width = max(len(row) for row in rows)
+    padded_ids = input_ids.new_zeros(len(rows), width)
+    mask = torch.zeros_like(padded_ids)
+    for index, row in enumerate(rows):
+        padded_ids[index, width - len(row):] = row
+        mask[index, width - len(row):] = 1
+    return padded_ids, mask
 
 
 # ------------------------------------------------------------------------------ the model
@@ -225,8 +297,9 @@ class JRTBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: Tensor, state, position: int) -> tuple[Tensor, tuple]:
-        mixed, state = self.mixer(self.mixer_norm(x), state, position)
+    def forward(self, x: Tensor, state, positions: Tensor, key_mask: Tensor
+                ) -> tuple[Tensor, tuple]:
+        mixed, state = self.mixer(self.mixer_norm(x), state, positions, key_mask)
         x = x + mixed
         return x + self.mlp(self.mlp_norm(x)), state
 
@@ -259,23 +332,38 @@ class JRTModel(JRTPreTrainedModel):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
         self.post_init()
 
-    def forward(self, input_ids: Tensor, cache: JRTCache | None = None) -> Tensor:
-        """With a cache, continue the sequence it holds and leave it after `input_ids`."""
-        position = 0 if cache is None else cache.seq_length
-        if 0 < position < self.config.prefix_length:
+    def forward(self, input_ids: Tensor, cache: JRTCache | None = None,
+                key_mask: Tensor | None = None) -> Tensor:
+        """key_mask [b, n] bool, False at padding (None: no padding). With a cache, continue the
+        sequences it holds and leave it after `input_ids`."""
+        key_mask = new_tokens_mask(input_ids, key_mask)
+        counts_before = self._token_counts(input_ids, cache)
+        continuing = cache is not None and cache.seq_length > 0
+        if continuing and bool(counts_before.min() < self.config.prefix_length):
             raise ValueError(
-                f"cannot continue a cached sequence of {position} tokens: it must start with at "
-                f"least prefix_length={self.config.prefix_length} tokens (later tokens cannot "
-                "join the encoder region); pad the prompt (read-twice) or pass use_cache=False")
+                f"cannot continue a cached sequence of {int(counts_before.min())} tokens: it must "
+                f"start with at least prefix_length={self.config.prefix_length} tokens (later "
+                "tokens cannot join the encoder region); pad the prompt (read-twice) or pass "
+                "use_cache=False")
+        counts_after = counts_before.unsqueeze(1) + key_mask.long().cumsum(dim=1)
+        positions = (counts_after - 1).clamp(min=0)  # a real token's index among real tokens
         x = self.embed_tokens(input_ids)
         for index, layer in enumerate(self.layers):
             state = None if cache is None else cache.layers[index]
-            x, state = layer(x, state, position)
+            x, state = layer(x, state, positions, key_mask)
             if cache is not None:
                 cache.layers[index] = state
         if cache is not None:
             cache.seq_length += input_ids.shape[1]
+            cache.token_counts = counts_after[:, -1]
         return self.norm(x)
+
+    @staticmethod
+    def _token_counts(input_ids: Tensor, cache: JRTCache | None) -> Tensor:
+        """Real tokens each row has read before `input_ids`."""
+        if cache is None or cache.token_counts is None:
+            return input_ids.new_zeros(input_ids.shape[0])
+        return cache.token_counts
 
 
 class JRTForCausalLM(JRTPreTrainedModel, GenerationMixin):
@@ -304,27 +392,42 @@ class JRTForCausalLM(JRTPreTrainedModel, GenerationMixin):
                                       past_key_values: JRTCache | None = None,
                                       attention_mask: Tensor | None = None,
                                       use_cache: bool | None = None, **kwargs) -> dict:
-        """Feed only the tokens the cache has not read yet."""
+        """Feed only the tokens the cache has not read yet. A cached generation whose prompt has
+        a row of fewer than prefix_length real tokens reads that row read-twice padded first
+        (positions before prefix_length cannot start generation), unless
+        config.read_twice_short_prompts is False. The returned sequences hold the prompt as
+        given."""
         cache = cache if cache is not None else past_key_values
-        if cache is not None:
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if cache is not None and cache.seq_length:
             input_ids = input_ids[:, cache.get_seq_length():]
+        elif use_cache and self._needs_read_twice(input_ids, attention_mask):
+            cache = cache if cache is not None else JRTCache(self.config.num_layers)
+            padded_ids, attention_mask = read_twice_rows(input_ids, attention_mask,
+                                                         self.config.prefix_length)
+            cache.hidden_columns = padded_ids.shape[1] - input_ids.shape[1]
+            input_ids = padded_ids
         return {"input_ids": input_ids, "cache": cache, "attention_mask": attention_mask,
-                "use_cache": use_cache}
+                "use_cache": use_cache, "logits_to_keep": kwargs.get("logits_to_keep", 0)}
+
+    def _needs_read_twice(self, input_ids: Tensor, attention_mask: Tensor | None) -> bool:
+        real_tokens = new_tokens_mask(input_ids, attention_mask).sum(dim=1)
+        return (getattr(self.config, "read_twice_short_prompts", True)
+                and bool((real_tokens < self.config.prefix_length).any()))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 cache: JRTCache | None = None, past_key_values: JRTCache | None = None,
                 use_cache: bool | None = None, labels: Tensor | None = None,
                 logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         """Logits [b, n, vocab] (the last `logits_to_keep` positions when > 0); a recurrent
-        cache with `use_cache`; the mean next-token cross entropy with `labels`."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise NotImplementedError("padding masks are not supported: JRT-RNN reads prompts "
-                                      "unpadded (one prompt per call, or equal lengths)")
+        cache with `use_cache`; the mean next-token cross entropy with `labels`.
+        `attention_mask` [b, cached + n] or [b, n]: 0 marks padding, which no token sees."""
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = JRTCache(self.config.num_layers)
-        hidden = self.model(input_ids, cache if use_cache else None)
+        hidden = self.model(input_ids, cache if use_cache else None,
+                            new_tokens_mask(input_ids, attention_mask))
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
