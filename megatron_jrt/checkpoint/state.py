@@ -253,10 +253,11 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
 
 # ----------------------------------------------------------------------------------- load
 
-def check_model_config(path: Path, saved: dict, expected: dict) -> None:
-    """CheckpointError listing every model-config field that differs."""
+def check_model_config(path: Path, saved: dict, expected: dict, ignore: tuple[str, ...] = ()
+                       ) -> None:
+    """CheckpointError listing every model-config field that differs (except `ignore`)."""
     expected = json.loads(json.dumps(expected))  # tuples -> lists, as saved
-    keys = sorted(set(saved) | set(expected))
+    keys = sorted((set(saved) | set(expected)) - set(ignore))
     diff = [f"{k}: checkpoint {saved.get(k)!r}, this run {expected.get(k)!r}"
             for k in keys if saved.get(k) != expected.get(k)]
     if diff:
@@ -276,7 +277,9 @@ def load_model_weights(path: str | Path, model_chunks, *, expected_model_config:
 
     path = Path(path)
     body = _verify_all_ranks(path) if verify else store.read_metadata(path)
-    check_model_config(path, body["config"].get("model", {}), expected_model_config)
+    # the initialisation scale does not matter to weights that replace the initialisation
+    check_model_config(path, body["config"].get("model", {}), expected_model_config,
+                       ignore=("init_std",))
     try:
         loaded = dist_checkpointing.load(_model_sharded_state_dict(model_chunks), str(path))
     except Exception as exc:  # noqa: BLE001 - re-raised with the checkpoint's name
@@ -338,9 +341,9 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *,
             f"checkpoint {path} was saved with TP={saved_layout['tp']} PP={saved_layout['pp']} "
             f"DP={saved_layout['dp']}; this run has TP={layout['tp']} PP={layout['pp']} "
             f"DP={layout['dp']}: model and optimizer are resharded; RNG states are re-seeded")
-    else:
-        rank = torch.distributed.get_rank()
-        rank_state = torch.load(path / RANK_STATE_DIR / f"rank_{rank:05d}.pt", weights_only=False)
+    elif (rank_file := path / RANK_STATE_DIR / f"rank_{torch.distributed.get_rank():05d}.pt"
+          ).is_file():  # absent in a weights-only checkpoint (jrt-convert from-hf)
+        rank_state = torch.load(rank_file, weights_only=False)
         _set_rng_state(rank_state["rng"])
         result.rng_restored = True
         result.data_state = rank_state["data_state"]
