@@ -1,9 +1,11 @@
 """Recurrent inference: prefill a prompt in parallel, then decode in O(1) time per token.
 
-Each mixer hands its state from the prefill to the decoder (JRT_SPEC.md section 5): PLA its
-(S, z) per head, sliding-window attention the rotated keys/values of the last `window`
-tokens, BaseConv the last k-1 conv inputs. The decoder runs megatron-core's own modules
-(embedding, norms, MLPs, output layer) and needs the whole model on this rank (no PP; TP ok).
+Every mixer implements megatron_jrt.mixers.RecurrentMixer: `prefill` returns its state after
+the prompt and `step` advances it by one token (JRT_SPEC.md section 5: PLA its (S, z) per
+head, sliding-window attention the rotated keys/values of the last `window` tokens, BaseConv
+the last k-1 conv inputs). The decoder runs every layer the same way and knows nothing of
+what a state holds; around the mixers it runs megatron-core's own modules (embedding, norms,
+MLPs, output layer) and needs the whole model on this rank (no PP; TP ok).
 """
 from __future__ import annotations
 
@@ -13,36 +15,53 @@ import torch
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from torch import Tensor
 
-from megatron_jrt.mixers.swa import SlidingWindowSelfAttention
+from megatron_jrt.mixers import RecurrentMixer
 
 
 class RecurrentDecoder:
-    """`prefill(prompt)` then `step(token)` repeatedly; both return next-token logits [b, V]."""
+    """`prefill(prompt)` then `step(token)` repeatedly; both return next-token logits [b, V].
+
+    The per-layer states live here, in a list in layer order, and pass explicitly through
+    each mixer's `prefill` / `step`; megatron's Mamba pattern (state in
+    `inference_context.key_value_memory_dict` keyed by layer number, reset when
+    `sequence_len_offset == 0`) is not used. It would pay off if decoding ran through
+    megatron's own `GPTModel.forward`, but that path also brings static batch and sequence
+    sizes and a rotary table of the maximum length that nothing here needs. Explicit states
+    keep each mixer a function of (input, state) that is tested on its own, and whole decoder
+    states easy to copy or reorder.
+    """
 
     def __init__(self, model, prefix_length: int):
         if not (model.pre_process and model.post_process):
             raise ValueError("recurrent decoding needs the whole model on one rank "
                              "(pipeline_parallel = 1)")
+        for layer in model.decoder.layers:
+            if not isinstance(layer.self_attention, RecurrentMixer):
+                raise TypeError(f"layer {layer.layer_number}: "
+                                f"{type(layer.self_attention).__name__} has no recurrent form "
+                                "(megatron_jrt.mixers.RecurrentMixer: prefill and step)")
         self.model, self.prefix_length = model, prefix_length
-        self.states: list[Any] = []
-        self.position = 0
-
-    def _rotary(self, length: int, offset: int) -> Tensor:
-        return self.model.rotary_pos_emb(length, offset=offset)
+        self.states: list[Any] = []  # one per layer, as its mixer's prefill/step returned it
+        self.position = 0  # tokens read so far
 
     def _run(self, input_ids: Tensor, mixer_call) -> Tensor:
-        """Embed, run every layer with `mixer_call(index, mixer, x)`, return last logits."""
-        positions = torch.arange(self.position, self.position + input_ids.shape[1],
+        """Embed `input_ids` ([b, s]) at the next positions, run every layer with
+        `mixer_call(index, mixer, x, rotary_pos_emb) -> (output, bias)`, return last logits."""
+        length = input_ids.shape[1]
+        positions = torch.arange(self.position, self.position + length,
                                  device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        rotary = self.model.rotary_pos_emb(length, offset=self.position)
         hidden = self.model.embedding(input_ids=input_ids, position_ids=positions)
         for index, layer in enumerate(self.model.decoder.layers):
-            out, bias = mixer_call(index, layer.self_attention, layer.input_layernorm(hidden))
+            out, bias = mixer_call(index, layer.self_attention, layer.input_layernorm(hidden),
+                                   rotary)
             hidden = hidden + (out if bias is None else out + bias)
             out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
             hidden = hidden + (out if bias is None else out + bias)
         hidden = self.model.decoder.final_layernorm(hidden[-1:])
         logits, _ = self.model.output_layer(
             hidden, weight=self.model.shared_embedding_or_output_weight())
+        self.position += length
         return gather_from_tensor_model_parallel_region(logits)[0].float()
 
     @torch.no_grad()
@@ -52,19 +71,15 @@ class RecurrentDecoder:
             raise ValueError(
                 f"prompt of {input_ids.shape[1]} tokens is shorter than the prefix length "
                 f"{self.prefix_length}; pad it first (megatron_jrt.generate.read_twice_pad)")
-        self.position, self.states = 0, []
-        rotary = self._rotary(input_ids.shape[1], offset=0)
+        self.position, self.states, states = 0, [], []
 
-        def prefill_mixer(index, mixer, x):
-            if isinstance(mixer, SlidingWindowSelfAttention):  # needs positions for rotary
-                output, state = mixer.prefill(x, rotary)
-            else:
-                output, state = mixer.prefill(x)
-            self.states.append(state)
+        def prefill_mixer(index: int, mixer: RecurrentMixer, x: Tensor, rotary: Tensor):
+            output, state = mixer.prefill(x, rotary_pos_emb=rotary)
+            states.append(state)
             return output
 
         logits = self._run(input_ids, prefill_mixer)
-        self.position = input_ids.shape[1]
+        self.states = states  # only a finished prefill can be stepped from
         return logits
 
     @torch.no_grad()
@@ -72,13 +87,9 @@ class RecurrentDecoder:
         """Read one token per sequence ([b]) and return the logits that follow it."""
         if not self.states:
             raise RuntimeError("call prefill() before step()")
-        rotary = self._rotary(1, offset=self.position)
 
-        def decode_mixer(index, mixer, x):
-            if isinstance(mixer, SlidingWindowSelfAttention):
-                return mixer.decode_step(x, self.states[index], rotary)
-            return mixer.decode_step(x, self.states[index])
+        def step_mixer(index: int, mixer: RecurrentMixer, x: Tensor, rotary: Tensor):
+            output, self.states[index] = mixer.step(x, self.states[index], rotary_pos_emb=rotary)
+            return output
 
-        logits = self._run(token_ids.view(-1, 1), decode_mixer)
-        self.position += 1
-        return logits
+        return self._run(token_ids.view(-1, 1), step_mixer)

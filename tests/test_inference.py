@@ -59,6 +59,51 @@ def test_recurrent_decoding_matches_the_parallel_forward(tp):
         assert generated == expected
 
 
+def _each_mixer_prefill_then_step_matches_its_forward():
+    from megatron_jrt.config import preset
+    from megatron_jrt.distributed import init_distributed
+    from megatron_jrt.inference import RecurrentDecoder
+    from megatron_jrt.model import build_model
+
+    init_distributed(seed=4)
+    cfg = preset("jrt-tiny")
+    model = build_model(cfg, cfg.to_transformer_config()).eval()
+    hidden = torch.randn(SEQ, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    errors = {}
+    with torch.no_grad():
+        for kind, layer in zip(cfg.layer_pattern, model.decoder.layers):
+            mixer = layer.self_attention
+            out, bias = mixer(hidden, None, rotary_pos_emb=model.rotary_pos_emb(SEQ))
+            parallel = out if bias is None else out + bias
+            (out, bias), state = mixer.prefill(hidden[:PROMPT],
+                                               rotary_pos_emb=model.rotary_pos_emb(PROMPT))
+            recurrent = [out if bias is None else out + bias]
+            for t in range(PROMPT, SEQ):
+                (out, bias), state = mixer.step(
+                    hidden[t:t + 1], state, rotary_pos_emb=model.rotary_pos_emb(1, offset=t))
+                recurrent.append(out if bias is None else out + bias)
+            error = float((torch.cat(recurrent) - parallel).abs().max() / parallel.abs().max())
+            errors[kind] = max(errors.get(kind, 0.0), error)
+
+    layer = model.decoder.layers[0]
+    layer.self_attention = torch.nn.Identity()  # a mixer without prefill/step
+    try:
+        RecurrentDecoder(model, cfg.prefix_length)
+        rejected = ""
+    except TypeError as e:
+        rejected = str(e)
+    return errors, rejected
+
+
+def test_each_mixer_prefill_then_step_matches_its_forward():
+    errors, rejected = launch(_each_mixer_prefill_then_step_matches_its_forward, 1,
+                              in_process=True)[0]
+    assert sorted(errors) == ["C", "P", "S"], errors  # jrt-tiny has every kind of mixer
+    for kind, relative_error in errors.items():
+        assert relative_error < 1e-5, (kind, relative_error)
+    assert "layer 1: Identity has no recurrent form" in rejected, rejected
+
+
 def test_read_twice_pad_fills_the_prefix_then_repeats_the_prompt():
     assert read_twice_pad([1, 2, 3], 7) == [3, 1, 2, 3, 1, 2, 3, 1, 2, 3]
     assert read_twice_pad([1, 2, 3, 4], 3) == [1, 2, 3, 4]  # long prompts are unchanged

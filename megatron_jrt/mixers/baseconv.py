@@ -19,6 +19,15 @@ from megatron.core.parallel_state import get_tensor_model_parallel_rank
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch import Tensor, nn
 
+from megatron_jrt.mixers import MixerOutput
+
+
+@dataclass
+class BaseConvState:
+    """The u1 inputs of the last k-1 tokens, [b, local channels, k-1], oldest first."""
+
+    tail: Tensor
+
 
 @dataclass
 class BaseConvSubmodules:
@@ -91,16 +100,19 @@ class BaseConv(MegatronModule):
         gated, _ = self._gate(hidden_states, tail=None)
         return self.out_proj(gated)
 
-    def prefill(self, hidden_states: Tensor) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
-        """The forward over a prompt, and the last k-1 conv inputs for decoding."""
-        gated, tail = self._gate(hidden_states, tail=None)
-        return self.out_proj(gated), tail
+    # The recurrent interface (megatron_jrt.mixers.RecurrentMixer); the state is BaseConvState.
 
-    def decode_step(self, hidden_states: Tensor, tail: Tensor) -> tuple[Tensor, Tensor | None]:
-        """One token per sequence ([1, b, d]); updates `tail` in place."""
-        gated, new_tail = self._gate(hidden_states, tail)
-        tail.copy_(new_tail)
-        return self.out_proj(gated)
+    def prefill(self, hidden_states: Tensor, *, rotary_pos_emb: Tensor | None = None
+                ) -> tuple[MixerOutput, BaseConvState]:
+        """The forward over a prompt, and its last k-1 conv inputs. Rotary is ignored."""
+        gated, tail = self._gate(hidden_states, tail=None)
+        return self.out_proj(gated), BaseConvState(tail)
+
+    def step(self, hidden_states: Tensor, state: BaseConvState, *,
+             rotary_pos_emb: Tensor | None = None) -> tuple[MixerOutput, BaseConvState]:
+        """One token per sequence ([1, b, d]) after the conv inputs in `state`."""
+        gated, tail = self._gate(hidden_states, state.tail)
+        return self.out_proj(gated), BaseConvState(tail)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None):

@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from kernels.pla import PLAState, pla_decode_step, pla_prefill, prefix_linear_attention
+from megatron_jrt.mixers import MixerOutput
 
 
 @dataclass
@@ -65,7 +66,7 @@ class PrefixLinearAttention(MegatronModule):
         kv_enc, _ = self.linear_kv_enc(hidden_states[:prefix])
         return self._heads(qkv, [f, f, dv]) + self._heads(kv_enc, [f, dv])
 
-    def _output(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _output(self, y: Tensor) -> MixerOutput:
         """[b, heads, s, dv] -> the output projection's (output, bias)."""
         b, h, s, dv = y.shape
         return self.linear_proj(y.permute(2, 0, 1, 3).reshape(s, b, h * dv))
@@ -77,15 +78,20 @@ class PrefixLinearAttention(MegatronModule):
                                       "use megatron_jrt.inference")
         return self._output(prefix_linear_attention(*self._project(hidden_states)))
 
-    def prefill(self, hidden_states: Tensor) -> tuple[tuple[Tensor, Tensor | None], PLAState]:
-        """The forward over a prompt, and the fp32 state after its last token."""
+    # The recurrent interface (megatron_jrt.mixers.RecurrentMixer); the state is PLAState.
+
+    def prefill(self, hidden_states: Tensor, *, rotary_pos_emb: Tensor | None = None
+                ) -> tuple[MixerOutput, PLAState]:
+        """The forward over a prompt ([s, b, d], s >= the prefix length), and the fp32 state
+        (S, z per head) after its last token. PLA has no positions: rotary is ignored."""
         y, state = pla_prefill(*self._project(hidden_states))
         return self._output(y), state
 
-    def decode_step(self, hidden_states: Tensor, state: PLAState) -> tuple[Tensor, Tensor | None]:
+    def step(self, hidden_states: Tensor, state: PLAState, *,
+             rotary_pos_emb: Tensor | None = None) -> tuple[MixerOutput, PLAState]:
         """One token per sequence ([1, b, d]) after the prefix; updates `state` in place."""
         f, dv = self.feature_dim, self.head_dim
         qkv, _ = self.linear_qkv(hidden_states)
         q, k, v = (t[:, :, 0] for t in self._heads(qkv, [f, f, dv]))  # [b, heads, dim]
         y = pla_decode_step(q, k, v, state)
-        return self._output(y.unsqueeze(2))
+        return self._output(y.unsqueeze(2)), state

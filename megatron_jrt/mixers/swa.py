@@ -17,6 +17,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from megatron_jrt.mixers import MixerOutput
+
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Causal attention over the last `window` keys plus self. q, k, v: [b, h, n, d] -> [b, h, n, d]."""
@@ -81,24 +83,26 @@ class SlidingWindowSelfAttention(SelfAttention):
         key = apply_rotary_pos_emb(key, rotary_freqs, config=self.config)
         return [t.permute(1, 2, 0, 3) for t in (query, key, value)]  # [b, h, s, d]
 
-    def _output(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _output(self, out: Tensor) -> MixerOutput:
         b, h, s, d = out.shape
         return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, h * d))
 
-    def prefill(self, hidden_states: Tensor, rotary_freqs: Tensor
-                ) -> tuple[tuple[Tensor, Tensor | None], SlidingWindowState]:
+    # The recurrent interface (megatron_jrt.mixers.RecurrentMixer); the state is
+    # SlidingWindowState.
+
+    def prefill(self, hidden_states: Tensor, *, rotary_pos_emb: Tensor
+                ) -> tuple[MixerOutput, SlidingWindowState]:
         """The forward over a prompt ([s, b, d], rotary for positions 0..s-1) and its cache."""
-        q, k, v = self._rotated_qkv(hidden_states, rotary_freqs)
+        q, k, v = self._rotated_qkv(hidden_states, rotary_pos_emb)
         window = self.core_attention.window
         out = sliding_window_attention(q, k, v, window)
         return self._output(out), SlidingWindowState(k[:, :, -window:], v[:, :, -window:])
 
-    def decode_step(self, hidden_states: Tensor, state: SlidingWindowState,
-                    rotary_freqs: Tensor) -> tuple[Tensor, Tensor | None]:
+    def step(self, hidden_states: Tensor, state: SlidingWindowState, *,
+             rotary_pos_emb: Tensor) -> tuple[MixerOutput, SlidingWindowState]:
         """One token ([1, b, d], rotary for its position): attend to the cache and itself."""
-        q, k, v = self._rotated_qkv(hidden_states, rotary_freqs)
+        q, k, v = self._rotated_qkv(hidden_states, rotary_pos_emb)
         keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
         out = F.scaled_dot_product_attention(q, keys, values)  # every cached key is visible
         window = self.core_attention.window
-        state.keys, state.values = keys[:, :, -window:], values[:, :, -window:]
-        return self._output(out)
+        return self._output(out), SlidingWindowState(keys[:, :, -window:], values[:, :, -window:])
