@@ -1,11 +1,15 @@
-"""Workarounds for megatron-core 0.16.1 bugs that checkpointing hits (beside platform.py's CPU ones).
+"""Workarounds for megatron-core 0.16.1 behaviour that checkpointing hits (beside platform.py's
+CPU ones).
 
-Both concern the distributed optimizer over plain ``torch.optim.AdamW``, which megatron-core
-uses when neither apex nor Transformer Engine is installed. Remove them when an upgrade of
-megatron-core fixes the bug (the resume tests in tests/test_checkpoint*.py then still pass
-without them).
+The first two concern the distributed optimizer over plain ``torch.optim.AdamW``, which
+megatron-core uses when neither apex nor Transformer Engine is installed; the third its
+checkpoint writer's helper process under stop signals. Remove each when an upgrade of
+megatron-core fixes it (the resume and signal tests in tests/test_checkpoint*.py,
+tests/test_run_control.py and tests/test_slurm.py then still pass without it).
 """
 from __future__ import annotations
+
+import signal
 
 import torch
 
@@ -68,3 +72,26 @@ def load_optimizer_state(optimizer, state) -> None:
                     s["step"] = steps[id(s)].clone()
     if len(subs) > 1:
         optimizer._synchronize_steps()
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+
+
+def start_checkpoint_writer_helper() -> None:
+    """Start megatron's checkpoint-writer helper process now, deaf to stop signals.
+
+    dist_checkpointing's writer keeps a `multiprocessing` Manager (spawned at the first save,
+    with default signal handling) for its results queue. Slurm delivers a step's signals
+    (`--signal=USR1@N`, `scancel --signal`) to every process of a task, and a terminal's Ctrl-C
+    reaches the whole process group: either kills the helper, and the checkpoint the signal
+    asked for then fails (BrokenPipeError). A blocked signal mask survives fork and exec, so
+    starting the helper with the stop signals blocked keeps it out of the way; this process
+    unblocks them at once (one that came meanwhile is delivered then).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -107,10 +107,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     Everything the run needs is checked before step 0 (`training.preflight`); the save_dir
     lock is held until the run ends, however it ends.
     """
+    from megatron_jrt.training.shutdown import ShutdownSignal
+
+    cfg.validate(world_size=torch.distributed.get_world_size())
+    # From here on a stop signal waits for a step boundary, also one that comes during start-up.
+    shutdown = ShutdownSignal().install()
+    try:
+        return _start(cfg, shutdown)
+    finally:
+        shutdown.restore()
+
+
+def _start(cfg: TrainConfig, shutdown) -> TrainResult:
+    """Start-up checks that need no model, then the run, holding the save_dir lock."""
     from megatron_jrt.distributed import agree
     from megatron_jrt.training.preflight import lock_save_dir, prepare_run_dir
 
-    cfg.validate(world_size=torch.distributed.get_world_size())
     error, tokenizer = None, None
     try:
         tokenizer = _load_tokenizer(cfg)
@@ -124,7 +136,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     for notice in notices:
         _print(f"WARNING: {notice}")
     try:
-        return _train(cfg, tokenizer, model_cfg)
+        return _train(cfg, tokenizer, model_cfg, shutdown)
     finally:
         if lock is not None:
             lock.release()
@@ -137,7 +149,7 @@ def _built_model_config(cfg: TrainConfig, tokenizer):
     return model_cfg.replace(vocab_size=vocab)
 
 
-def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
+def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
     from megatron.core import parallel_state
 
     from megatron_jrt.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -154,7 +166,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
     from megatron_jrt.training.preflight import open_data
     from megatron_jrt.training.resume import (apply_optimizer_config, restore_data_position,
                                               resume_notice)
-    from megatron_jrt.training.shutdown import ShutdownSignal
+    from megatron_jrt.megatron_workarounds import start_checkpoint_writer_helper
     from megatron_jrt.training.step import eval_step
 
     world = torch.distributed.get_world_size()
@@ -268,13 +280,13 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg) -> TrainResult:
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_length),
         peak_flops=peak_flops_per_device("bf16" if bf16 else "fp32"), world_size=world,
         progress_total=cfg.training.train_steps, progress_bar=cfg.logging.progress_bar)
-    shutdown = ShutdownSignal().install()
+    if ckpt.save_dir:
+        start_checkpoint_writer_helper()  # before a stop signal can reach it
     try:
         _loop(cfg, result, train_batches, chunks, optimizer, scheduler, logger, shutdown,
               step_kwargs=step_kwargs, device=device, tokens_per_step=tokens_per_step,
               losses_file=losses_file, save=save, evaluate=evaluate)
     finally:
-        shutdown.restore()
         logger.close()
     if cfg.training.sample_tokens and tokenizer is not None and not result.stopped_by_signal:
         result.sample = _sample(cfg, model, model_cfg, tokenizer)

@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
 from megatron_jrt.errors import ExitCode
 from tests import runs
@@ -119,3 +120,27 @@ def test_a_second_run_on_a_save_dir_is_refused_and_a_dead_runs_lock_is_taken_ove
     assert after.returncode == ExitCode.OK, after
     assert "took over the lock" in after.stdout and "its process is gone" in after.stdout
     assert not (shared / "ckpt" / ".lock").exists()  # released at the end
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_signal_to_every_process_still_checkpoints(tmp_path, sig):
+    """Slurm signals every process of a step; a terminal's Ctrl-C reaches the whole process
+    group. megatron's checkpoint-writer helper process must survive it, or the stop's own
+    save fails (megatron_workarounds.start_checkpoint_writer_helper)."""
+    from megatron_jrt.checkpoint import verify_checkpoint
+
+    run_dir = tmp_path / "run"
+    proc = runs.start(run_dir, **{**LONG, "checkpoint.save_interval": 2})
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "ckpt" / "latest").exists() and len(runs.losses(run_dir)) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    parent = psutil.Process(proc.pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(sig)
+    out, err = _finish(proc)
+    assert proc.returncode == ExitCode.STOPPED, (out, err)
+    step = max(runs.losses(run_dir))
+    assert verify_checkpoint(run_dir / "ckpt" / f"step_{step:07d}")["step"] == step
