@@ -10,6 +10,10 @@ Padding (`attention_mask` zeros, normally on the left) makes tokens invisible: P
 keys from its encoder and causal sums, sliding-window attention masks them, BaseConv zeroes
 them, and positions count real tokens only, so a padded row computes what it computes alone.
 The encoder region of a row is its first `prefix_length` REAL tokens.
+
+A cached read of many tokens (generate's prefill) goes through the blocks in chunks of at most
+`config.prefill_chunk_tokens` columns, each chunk continuing the cache the one before left, so the
+activations are those of one chunk, not of the whole prompt (JRTModel.forward).
 """
 from __future__ import annotations
 
@@ -102,6 +106,11 @@ def encoder_mask(key_mask: Tensor, prefix_length: int) -> Tensor:
     return key_mask & (key_mask.cumsum(dim=1) <= prefix_length)
 
 
+def state_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the PLA state: fp64 for fp64 activations, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 class PrefixLinearAttention(nn.Module):
     """PLA: causal Taylor linear attention whose state starts at the sum over the encoder
     region (each row's first min(prefix_length, n) real tokens) of phi(k_enc) v_enc^T."""
@@ -137,8 +146,7 @@ class PrefixLinearAttention(nn.Module):
                 key_mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         if state is None:  # the sequence starts here: sum the encoder region into the state
-            state = self.encoder_state(x, key_mask, torch.float64 if x.dtype == torch.float64
-                                       else torch.float32)
+            state = self.encoder_state(x, key_mask, state_dtype(x))
         y, S, z = causal_taylor_attention(q, k, v, key_mask, *state)
         b, _, n, _ = y.shape
         return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(b, n, -1)), (S, z)
@@ -333,9 +341,19 @@ class JRTModel(JRTPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids: Tensor, cache: JRTCache | None = None,
-                key_mask: Tensor | None = None) -> Tensor:
+                key_mask: Tensor | None = None, hidden_to_keep: int = 0) -> Tensor:
         """key_mask [b, n] bool, False at padding (None: no padding). With a cache, continue the
-        sequences it holds and leave it after `input_ids`."""
+        sequences it holds and leave it after `input_ids`. Returns the last `hidden_to_keep`
+        positions (all when 0).
+
+        With a cache and more than config.prefill_chunk_tokens tokens, the blocks read the tokens
+        chunk by chunk, each chunk continuing the cache (PLA from (S, z), SWA from its window,
+        BaseConv from its tail): what one pass computes, in the memory of one chunk. The encoder
+        region (each row's first prefix_length real tokens) must be read whole before a causal
+        token uses it: when it does not end inside the first chunk (a prefix longer than the
+        chunk, or left padding moving a row's region to the right), `_encoder_states` reads each
+        row's encoder region alone first (b x prefix_length columns, up to the last PLA layer)
+        and the chunks start from the PLA encoder states it leaves."""
         key_mask = new_tokens_mask(input_ids, key_mask)
         counts_before = self._token_counts(input_ids, cache)
         continuing = cache is not None and cache.seq_length > 0
@@ -345,7 +363,27 @@ class JRTModel(JRTPreTrainedModel):
                 f"start with at least prefix_length={self.config.prefix_length} tokens (later "
                 "tokens cannot join the encoder region); pad the prompt (read-twice) or pass "
                 "use_cache=False")
-        counts_after = counts_before.unsqueeze(1) + key_mask.long().cumsum(dim=1)
+        n = input_ids.shape[1]
+        chunk = getattr(self.config, "prefill_chunk_tokens", None) or 0
+        if cache is None or chunk <= 0 or n <= chunk:  # one pass
+            hidden = self._read(input_ids, key_mask, cache)
+            return self.norm(hidden[:, -hidden_to_keep:] if hidden_to_keep else hidden)
+        if not continuing and self._encoder_end(key_mask) > chunk:
+            cache.layers = self._encoder_states(input_ids, key_mask)
+        first_kept = n - hidden_to_keep if hidden_to_keep else 0
+        outputs = []
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            hidden = self._read(input_ids[:, start:stop], key_mask[:, start:stop], cache)
+            if stop > first_kept:
+                outputs.append(self.norm(hidden[:, max(first_kept - start, 0):]))
+        return torch.cat(outputs, dim=1)
+
+    def _read(self, input_ids: Tensor, key_mask: Tensor, cache: JRTCache | None) -> Tensor:
+        """The blocks over `input_ids` (from the cache's state, leaving it after them): the
+        hidden states before the final norm."""
+        counts_after = (self._token_counts(input_ids, cache).unsqueeze(1)
+                        + key_mask.long().cumsum(dim=1))
         positions = (counts_after - 1).clamp(min=0)  # a real token's index among real tokens
         x = self.embed_tokens(input_ids)
         for index, layer in enumerate(self.layers):
@@ -356,7 +394,48 @@ class JRTModel(JRTPreTrainedModel):
         if cache is not None:
             cache.seq_length += input_ids.shape[1]
             cache.token_counts = counts_after[:, -1]
-        return self.norm(x)
+        return x
+
+    def _pla_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers)
+                if isinstance(layer.mixer, PrefixLinearAttention)]
+
+    def _encoder_end(self, key_mask: Tensor) -> int:
+        """The column after the last encoder-region token of any row (0 without PLA layers)."""
+        if not self._pla_layers():
+            return 0
+        in_encoder = encoder_mask(key_mask, self.config.prefix_length)
+        return int(in_encoder.any(dim=0).nonzero().max()) + 1 if in_encoder.any() else 0
+
+    def _encoder_states(self, input_ids: Tensor, key_mask: Tensor) -> list:
+        """Per layer: a PLA layer's encoder state (S_e, z_e) for a sequence starting with
+        `input_ids`, None for the others. Each row is read from its first real token through
+        its last encoder token, the rows' columns shifted to start together, so the read is
+        b x about prefix_length columns however the rows are padded. Padding before a row's
+        first token is invisible and the blocks are causal, so each encoder token's hidden state
+        and the sums over the region are those of the one-pass read."""
+        n = input_ids.shape[1]
+        columns = torch.arange(n, device=input_ids.device)
+        in_encoder = encoder_mask(key_mask, self.config.prefix_length)
+        starts = key_mask.int().argmax(dim=1)  # first real column (0 for an empty row)
+        ends = (in_encoder.long() * (columns + 1)).max(dim=1).values
+        width = max(int((ends - starts).max()), 1)
+        index = starts.unsqueeze(1) + torch.arange(width, device=input_ids.device)
+        inside = index < n
+        index = index.clamp(max=n - 1)
+        ids, mask = input_ids.gather(1, index), key_mask.gather(1, index) & inside
+        positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        pla_layers = self._pla_layers()
+        states: list = [None] * len(self.layers)
+        x = self.embed_tokens(ids)
+        for layer_index, layer in enumerate(self.layers[:pla_layers[-1] + 1]):
+            state = None
+            if layer_index in pla_layers:
+                state = layer.mixer.encoder_state(layer.mixer_norm(x), mask, state_dtype(x))
+                states[layer_index] = state
+            if layer_index < pla_layers[-1]:  # the last PLA layer's output is not needed
+                x, _ = layer(x, state, positions, mask)
+        return states
 
     @staticmethod
     def _token_counts(input_ids: Tensor, cache: JRTCache | None) -> Tensor:
@@ -427,8 +506,9 @@ class JRTForCausalLM(JRTPreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = JRTCache(self.config.num_layers)
         hidden = self.model(input_ids, cache if use_cache else None,
-                            new_tokens_mask(input_ids, attention_mask))
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+                            new_tokens_mask(input_ids, attention_mask),
+                            hidden_to_keep=logits_to_keep)
+        logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
