@@ -14,42 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.hf_tiny import PREFIX, greedy, left_pad, random_prompts, tiny_model
+
 pytest.importorskip("transformers")
-
-VOCAB = 257
-PREFIX = 16
-
-
-def tiny_model(vocab_size: int = VOCAB):
-    from megatron_jrt.hf.configuration_jrt import JRTConfig
-    from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
-
-    torch.manual_seed(0)
-    config = JRTConfig(vocab_size=vocab_size, hidden_size=64, num_layers=4, num_heads=4,
-                       layer_pattern="PCSP", prefix_length=PREFIX, swa_window=8,
-                       initializer_range=0.3)
-    return JRTForCausalLM(config).eval()
-
-
-def random_prompts(*lengths: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (n,), generator=generator) for n in lengths]
-
-
-def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention_mask) with every prompt right-aligned, pad id 0."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
-    return ids, mask
-
-
-def greedy(model, ids: torch.Tensor, new_tokens: int, **kwargs):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                              return_dict_in_generate=True, output_logits=True, **kwargs)
 
 
 def count_fed_tokens(model) -> tuple[list[int], object]:

@@ -11,42 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.hf_tiny import PREFIX, VOCAB, WINDOW, greedy, left_pad, random_prompts
+from tests.hf_tiny import tiny_model as _tiny_model
+
 pytest.importorskip("transformers")
 
-VOCAB = 257
-PREFIX, WINDOW = 16, 8
 CHUNKS = [5, 8, 16, 19, 64]  # < window, = window < prefix, = prefix, > prefix, > prefix and window
 
 
 def tiny_model(chunk: int | None, pattern: str = "PCSP"):
-    from megatron_jrt.hf.configuration_jrt import JRTConfig
-    from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
-
-    torch.manual_seed(0)
-    config = JRTConfig(vocab_size=VOCAB, hidden_size=64, num_layers=len(pattern), num_heads=4,
-                       layer_pattern=pattern, prefix_length=PREFIX, swa_window=WINDOW,
-                       initializer_range=0.3, prefill_chunk_tokens=chunk)
-    return JRTForCausalLM(config).eval()
-
-
-def random_prompts(*lengths: int) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (n,), generator=generator) for n in lengths]
-
-
-def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, 1
-    return ids, mask
-
-
-def greedy(model, ids: torch.Tensor, new_tokens: int, **kwargs):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                              return_dict_in_generate=True, output_logits=True, **kwargs)
+    return _tiny_model(pattern=pattern, prefill_chunk_tokens=chunk)
 
 
 def assert_same_generation(chunked, one_pass) -> None:
