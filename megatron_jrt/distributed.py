@@ -182,6 +182,19 @@ def agree(error: BaseException | None) -> None:
         raise failed
 
 
+def on_rank0(action):
+    """`action()` on rank 0, its error raised on every rank (`agree`); the result on rank 0,
+    None elsewhere. For work on shared folders that one rank does for all."""
+    result, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            result = action()
+        except Exception as exc:  # noqa: BLE001 - agreed and re-raised on every rank
+            error = exc
+    agree(error)
+    return result
+
+
 def _portable(error: BaseException) -> BaseException:
     """`error` if it survives pickling (to reach the other ranks), else a RuntimeError saying it."""
     try:

@@ -28,7 +28,7 @@ import torch
 
 from megatron_jrt.checkpoint import store
 from megatron_jrt.checkpoint.store import METADATA, RANK_STATE_DIR, CheckpointError
-from megatron_jrt.distributed import agree
+from megatron_jrt.distributed import agree, on_rank0
 from megatron_jrt.fsutil import sha256_file
 from megatron_jrt.megatron_workarounds import init_torch_adam_state, load_optimizer_state
 from megatron_jrt.platform import distributed_optimizer_checkpoint_metadata
@@ -124,20 +124,6 @@ def _set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------ agreement across ranks
 
-def _on_rank0(action) -> Any:
-    """Run `action()` on rank 0; its CheckpointError is raised on every rank."""
-    result, error = None, None
-    if torch.distributed.get_rank() == 0:
-        try:
-            result = action()
-        except CheckpointError as exc:
-            error = exc
-    agree(error)
-    box = [result]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _distributed_hashes(directory: Path, names: list[str]) -> dict[str, str]:
     """sha256 of `names`, each rank hashing every world-th file (all ranks get the result)."""
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
@@ -212,7 +198,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
         except OSError as exc:
             raise CheckpointError(f"checkpoint.save_dir {save_dir}: cannot write ({exc})") from exc
 
-    _on_rank0(prepare)
+    on_rank0(prepare)
 
     state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None

@@ -9,25 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from megatron_jrt.checkpoint import CheckpointError, SaveDirLock, list_checkpoints
 from megatron_jrt.checkpoint.store import remove_stale_tmp
 from megatron_jrt.config import ConfigError
-from megatron_jrt.distributed import agree
+from megatron_jrt.distributed import agree, on_rank0
 from megatron_jrt.errors import DataError
-
-
-def _rank0(action: Callable[[], object]) -> object:
-    """`action()` on rank 0, its error raised on every rank; the result (rank 0 only)."""
-    result, error = None, None
-    if torch.distributed.get_rank() == 0:
-        try:
-            result = action()
-        except Exception as exc:  # noqa: BLE001 - agreed and re-raised on every rank
-            error = exc
-    agree(error)
-    return result
 
 
 def prepare_run_dir(run_dir: Path, write_config: Callable[[Path], None]) -> None:
@@ -40,7 +26,7 @@ def prepare_run_dir(run_dir: Path, write_config: Callable[[Path], None]) -> None
             raise ConfigError(f"logging.run_dir: cannot write {run_dir} ({exc.strerror or exc}); "
                               "choose a writable folder") from exc
 
-    _rank0(prepare)
+    on_rank0(prepare)
 
 
 def lock_save_dir(save_dir: str, resume: str) -> tuple[SaveDirLock | None, list[str]]:
@@ -72,7 +58,7 @@ def lock_save_dir(save_dir: str, resume: str) -> tuple[SaveDirLock | None, list[
                            + ", ".join(removed))
         return lock, notices
 
-    taken = _rank0(take)
+    taken = on_rank0(take)
     return taken if taken is not None else (None, [])
 
 
