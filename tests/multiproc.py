@@ -17,18 +17,13 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from contextlib import contextmanager
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_jrt.distributed import free_port
 
 
 def _rank_env(rank: int, world_size: int, port: int) -> dict:

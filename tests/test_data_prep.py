@@ -1,5 +1,4 @@
 """Tokenizer training/adapters, shard writing, input errors (CPU, ~20 s on 2 cores)."""
-import gzip
 import hashlib
 import json
 import subprocess
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_prep.cli import main as cli_main
+from tests.smalldata import bundled_excerpt
 from data_prep.corpus import bundled_corpus_paths
 from data_prep.documents import InputError, iter_all_documents
 from data_prep.shards import is_valid_doc, write_shards
@@ -21,11 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _small_corpus(tmp: Path, n_docs: int = 120) -> Path:
     """The first n_docs documents of the bundled corpus as jsonl.gz (keeps tests quick)."""
-    out = tmp / "small.jsonl.gz"
-    with gzip.open(bundled_corpus_paths()[0], "rt") as f, gzip.open(out, "wt") as g:
-        for _, line in zip(range(n_docs), f):
-            g.write(line)
-    return out
+    return bundled_excerpt(tmp / "small.jsonl.gz", n_docs)
 
 
 @pytest.fixture(scope="module")
