@@ -2,7 +2,13 @@
 from setuptools import find_packages, setup
 
 # jrt-convert and the Hugging Face model (megatron_jrt/hf/); the range tests/test_hf.py passes on.
-HF = ["transformers>=5.24,<5.25", "safetensors>=0.4"]
+HF = ["transformers>=5.0,!=5.3.*,<5.25", "safetensors>=0.4"]
+
+# training.engine: deepspeed (README, DeepSpeed); an sdist that installs without a compiler.
+DEEPSPEED = ["deepspeed==0.19.8"]
+
+# The recall experiments' plots (megatron_jrt/evals/experiments/plot.py).
+EVALS = ["matplotlib"]
 
 setup(
     name="megatron-jrt",
@@ -31,9 +37,11 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2", *HF],
+        "test": ["pytest>=8", "pytest-timeout>=2", *HF, *EVALS, *DEEPSPEED],
         "gpt2": ["tokenizers"],
         "hf": HF,
+        "evals": EVALS,
+        "deepspeed": DEEPSPEED,
     },
     entry_points={
         "console_scripts": [
@@ -43,6 +51,7 @@ setup(
             "jrt-ckpt=checkpoints_tools.cli:main",
             "jrt-convert=checkpoints_tools.convert:main",
             "jrt-generate=megatron_jrt.generate_cli:main",
+            "jrt-eval=megatron_jrt.evals.cli:main",
         ]
     },
 )

@@ -10,7 +10,6 @@ peak memory and the speed-up over the baseline. The first `--warmup` steps are n
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 
 import torch
@@ -20,52 +19,16 @@ def _run(args, tmp: str, variant: str) -> dict:
     import megatron_jrt.mixers.pla as pla_mixer
     from kernels.pla import prefix_linear_attention
     from kernels.pla.reference import pla_reference
-    from megatron_jrt.distributed import init_distributed
-    from megatron_jrt.flops import flops_per_token, peak_flops_per_device
-    from megatron_jrt.train import train
-    from megatron_jrt.train_config import load_config
+    from train_throughput import measure_stack  # a sibling: benchmarks/ is on sys.path
 
     pla_mixer.prefix_linear_attention = (pla_reference if variant == "reference"
                                          else prefix_linear_attention)
-    steps = args.warmup + args.steps
-    cfg = load_config(None, [
-        f"model.preset={args.preset}", "data.mock_data=true", "data.mock_vocab_size=50263",
-        f"data.seq_length={args.seq_length}", f"data.micro_batch_size={args.micro_batch}",
-        f"data.global_batch_size={args.micro_batch}", "data.num_workers=0",
-        f"training.train_steps={steps}", "training.eval_steps=0", f"training.log_interval={steps}",
-        "optimizer.warmup_steps=1", f"training.recompute={args.recompute}",
-        f"logging.run_dir={tmp}/{variant}", "logging.tensorboard=false",
-        "logging.progress_bar=false"])
-    init_distributed(seed=cfg.training.seed)  # both variants start from the same weights
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    if args.profile and variant == "dispatch":
-        result = _profiled(train, cfg)
-    else:
-        result = train(cfg)
-    step_time = statistics.median(result.step_times[args.warmup:])
-    tokens_per_s = args.micro_batch * args.seq_length / step_time
-    model_flops = flops_per_token(cfg.model_config(), args.seq_length) * tokens_per_s
-    peak = peak_flops_per_device("bf16" if torch.cuda.is_available() else "fp32")
-    return dict(variant=variant, step_ms=step_time * 1e3, tokens_per_s=tokens_per_s,
-                tflops=model_flops / 1e12, mfu=None if peak is None else model_flops / peak,
-                memory_gib=(torch.cuda.max_memory_allocated() / 2**30
-                            if torch.cuda.is_available() else None),
-                loss=result.losses[-1])
-
-
-def _profiled(train, cfg):
-    """Run `train(cfg)` under torch.profiler and print the most expensive device kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
-                                           else [])
-    with profile(activities=activities) as prof:
-        result = train(cfg)
-    sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
-    return result
+    measured = measure_stack(
+        args.preset, seq_length=args.seq_length, batch=args.micro_batch,
+        micro_batch=args.micro_batch, steps=args.steps, warmup=args.warmup,
+        run_dir=f"{tmp}/{variant}", overrides=[f"training.recompute={args.recompute}", *args.set],
+        profile=args.profile and variant == "dispatch")
+    return dict(measured, variant=variant)
 
 
 def main() -> None:
@@ -78,6 +41,9 @@ def main() -> None:
     parser.add_argument("--recompute", default="null", choices=["null", "full"])
     parser.add_argument("--profile", action="store_true",
                         help="print the top device kernels of the dispatcher run (torch.profiler)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a jrt-train config override for both runs, e.g. "
+                             "training.compile=true; repeatable")
     args = parser.parse_args()
 
     from megatron_jrt.distributed import destroy_distributed

@@ -29,17 +29,9 @@ import sys
 from pathlib import Path
 
 from checkpoints_tools.hf_dir import read_hf_dir, write_hf_dir
-from checkpoints_tools.locate import PATH_HELP, verified_checkpoint
-from checkpoints_tools.read_tensors import read_tensors
+from checkpoints_tools.locate import PATH_HELP
 
 SENTENCEPIECE_FILE = "tokenizer.model"  # also copied: tools that read SentencePiece directly
-
-
-def _run_tokenizer(train_config: dict) -> str | None:
-    """The run's data.tokenizer when it exists on this machine (none for mock-data runs)."""
-    spec = train_config.get("data", {}).get("tokenizer", "")
-    is_gpt2 = spec.startswith("gpt2:")
-    return spec if spec and Path(spec[5:] if is_gpt2 else spec).exists() else None
 
 
 def to_hf(checkpoint: str | Path, out: str | Path, *, max_shard_size: str = "5GB",
@@ -47,30 +39,18 @@ def to_hf(checkpoint: str | Path, out: str | Path, *, max_shard_size: str = "5GB
     """Convert checkpoint (or a save_dir's newest) into HF directory `out`; the checkpoint used.
 
     `tokenizer` (a SentencePiece .model or "gpt2:/dir") replaces the run's data.tokenizer."""
-    from checkpoints_tools.hf_tokenizer import write_hf_tokenizer
-    from data_prep.tokenizer import SentencePieceTokenizer, load_tokenizer
-    from megatron_jrt.hf.weights import hf_config, megatron_names, megatron_to_hf
+    from checkpoints_tools.hf_tokenizer import hf_tokenizer
+    from checkpoints_tools.read_as_hf import read_as_hf
+    from data_prep.tokenizer import SentencePieceTokenizer
 
-    found = verified_checkpoint(checkpoint)
-    config = hf_config(found.body["config"]["model"])
-    spec = tokenizer or _run_tokenizer(found.body["config"].get("train", {}))
-    loaded = None
-    if spec:
-        try:
-            loaded = load_tokenizer(spec)
-        except (OSError, ImportError) as exc:
-            raise ValueError(f"--tokenizer {spec}: {exc}") from None
-        config.eos_token_id, config.pad_token_id = loaded.eod_id, loaded.pad_id
-        if loaded.vocab_size > config.vocab_size:
-            raise ValueError(f"--tokenizer {spec}: {loaded.vocab_size} ids, the model has "
-                             f"{config.vocab_size}; give the tokenizer the run trained with")
-    state = megatron_to_hf(read_tensors(found.path, megatron_names(config)), config)
+    found = read_as_hf(checkpoint, tokenizer=tokenizer)
+    converted = None if found.tokenizer is None else hf_tokenizer(found.tokenizer)  # or refuse
     out = Path(out)
-    write_hf_dir(state, config, out, max_shard_size=max_shard_size)
-    if loaded is not None:
-        write_hf_tokenizer(loaded, out)
-    if isinstance(loaded, SentencePieceTokenizer):
-        shutil.copyfile(loaded.path, out / SENTENCEPIECE_FILE)
+    write_hf_dir(found.state, found.config, out, max_shard_size=max_shard_size)
+    if converted is not None:
+        converted.save_pretrained(out)
+    if isinstance(found.tokenizer, SentencePieceTokenizer):
+        shutil.copyfile(found.tokenizer.path, out / SENTENCEPIECE_FILE)
     return found.path
 
 

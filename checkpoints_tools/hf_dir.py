@@ -2,25 +2,30 @@
 
 Written as `JRTForCausalLM.save_pretrained` writes it (config.json with auto_map, the custom
 code files, safetensors sharded above `max_shard_size`), so every converter produces the same
-directory; read back with safetensors alone (no model built, no custom code executed).
+directory; read back with safetensors alone (no model built, no custom code executed). The model
+written is `model_from_state`'s, which jrt-generate also runs in memory from a checkpoint.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from megatron_jrt.hf.configuration_jrt import JRTConfig
 
+if TYPE_CHECKING:
+    from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def write_hf_dir(state: dict[str, Tensor], config: JRTConfig, out: str | Path, *,
-                 max_shard_size: str = "5GB") -> None:
-    """save_pretrained of a JRTForCausalLM holding `state` (with or without lm_head: tied)."""
+def model_from_state(state: dict[str, Tensor], config: JRTConfig) -> JRTForCausalLM:
+    """A JRTForCausalLM in eval mode whose parameters are the tensors of `state` themselves
+    (built on the meta device: no random init, no copy), lm_head tied to the embedding."""
     from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
 
     with torch.device("meta"):
@@ -28,7 +33,15 @@ def write_hf_dir(state: dict[str, Tensor], config: JRTConfig, out: str | Path, *
     model.load_state_dict({"lm_head.weight": state["model.embed_tokens.weight"], **state},
                           strict=True, assign=True)
     model.tie_weights()
-    model.eval()
+    return model.eval()
+
+
+def write_hf_dir(state: dict[str, Tensor], config: JRTConfig, out: str | Path, *,
+                 max_shard_size: str = "5GB") -> None:
+    """save_pretrained of a JRTForCausalLM holding `state` (with or without lm_head: tied)."""
+    from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
+
+    model = model_from_state(state, config)
     JRTConfig.register_for_auto_class()
     JRTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     model.save_pretrained(Path(out), max_shard_size=max_shard_size)

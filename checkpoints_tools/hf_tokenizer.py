@@ -1,37 +1,47 @@
-"""The run's tokenizer as Hugging Face tokenizer files that `AutoTokenizer` loads offline.
+"""The run's tokenizer as Hugging Face tokenizer files that transformers loads offline.
+
+`PreTrainedTokenizerFast.from_pretrained(OUT)` loads them without custom code;
+`AutoTokenizer.from_pretrained(OUT)` needs `trust_remote_code=True` like the model, since it
+reads config.json first, whose auto_map names the model's code (without it, transformers 5.x asks
+on the terminal and loads them anyway after 15 s).
 
 Both layouts become a `tokenizers` backend (tokenizer.json) behind transformers' generic
 `PreTrainedTokenizerFast`, so loading needs neither custom code nor sentencepiece, and the ids
 equal data_prep's:
-- SentencePiece .model: converted with transformers' `SpmConverter.build_tokenizer_from_spm_proto`,
-  which follows the model's own normaliser settings; pad 0, unk 1, eos = end of document 2,
-  [MASK] 3 (or one id past the vocabulary when the model lacks it, as data_prep reserves it).
+- SentencePiece .model (BPE): converted by spm_backend.py, which follows the model's own
+  normaliser settings; pad 0, unk 1, eos = end of document 2, [MASK] 3 (or one id past the
+  vocabulary when the model lacks it, as data_prep reserves it).
 - GPT-2 layout (`gpt2:/dir`): the byte-level BPE, ids 50257..50262 filled with placeholder
   tokens so that [MASK] is 50263; eos = pad = <|endoftext|> 50256.
 Special-token text inside a document is encoded as ordinary text (`split_special_tokens`), as
-data_prep does: "[MASK]" typed in a document is never the mask id.
+data_prep does: "[MASK]" typed in a document is never the mask id. The files written are checked
+against the training tokenizer (special ids, and the ids of a probe text) before any is written.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from data_prep.tokenizer import (GPT2_MASK_ID, MASK_PIECE, GPT2Tokenizer, SentencePieceTokenizer,
                                  Tokenizer)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+# Spaces (leading, doubled), digits, a newline, a tab and accents: where converters go wrong.
+PROBE = " Read it twice:  the 2nd pass sees all 123 keys.\n\tÉtude, naïve café."
 
 
 def _sentencepiece_backend(tokenizer: SentencePieceTokenizer):
     """tokenizers.Tokenizer encoding like the SentencePiece model, its special tokens but
     [MASK], and no placeholders."""
     from sentencepiece import sentencepiece_model_pb2
-    from transformers.convert_slow_tokenizer import SpmConverter
+
+    from checkpoints_tools.spm_backend import sentencepiece_bpe_backend
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(tokenizer.path).read_bytes())
-    vocab = {piece.piece: index for index, piece in enumerate(proto.pieces)}
-    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
-    if backend is None:
-        raise ValueError(f"{tokenizer.path}: transformers cannot convert this SentencePiece "
-                         "model type; train it with `jrt-prep tokenizer` (BPE)")
+    backend = sentencepiece_bpe_backend(proto, tokenizer.path)
     special = {"unk_token": proto.pieces[proto.trainer_spec.unk_id].piece,
                "eos_token": proto.pieces[tokenizer.eod_id].piece}
     if proto.trainer_spec.pad_id >= 0:
@@ -48,8 +58,10 @@ def _gpt2_backend(tokenizer: GPT2Tokenizer):
                      "unk_token": "<|endoftext|>"}, fillers
 
 
-def write_hf_tokenizer(tokenizer: Tokenizer, out: str | Path) -> None:
-    """Write tokenizer.json + tokenizer_config.json for data_prep's `tokenizer` into `out`."""
+def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """data_prep's `tokenizer` as a transformers tokenizer, checked against it; its
+    save_pretrained writes tokenizer.json + tokenizer_config.json. ValueError naming the
+    tokenizer when the two disagree."""
     from transformers import PreTrainedTokenizerFast
 
     build = _gpt2_backend if isinstance(tokenizer, GPT2Tokenizer) else _sentencepiece_backend
@@ -63,4 +75,8 @@ def write_hf_tokenizer(tokenizer: Tokenizer, out: str | Path) -> None:
     if ids != expected:
         raise ValueError(f"{tokenizer.path}: the Hugging Face tokenizer got special ids {ids}, the "
                          f"training tokenizer has {expected}; was it made by jrt-prep?")
-    hf.save_pretrained(Path(out))
+    if hf.encode(PROBE, add_special_tokens=False) != tokenizer.encode(PROBE):
+        raise ValueError(f"{tokenizer.path}: the Hugging Face tokenizer encodes {PROBE!r} "
+                         "differently from the training tokenizer; convert with a tokenizer made "
+                         "by `jrt-prep tokenizer` (--tokenizer)")
+    return hf

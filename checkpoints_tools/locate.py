@@ -1,6 +1,7 @@
 """From the path a user typed to one verified checkpoint: the one named, or a save_dir's newest.
 
-Both jrt-ckpt commands start here, so that they accept the same paths and verify alike.
+The jrt-ckpt commands, jrt-convert to-hf and jrt-generate start here, so that they accept the
+same paths and verify alike.
 """
 from __future__ import annotations
 

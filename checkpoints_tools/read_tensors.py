@@ -6,6 +6,7 @@ layout without megatron and without a process group.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,5 +24,7 @@ def read_tensors(checkpoint: str | Path, names: list[str]) -> dict[str, torch.Te
                          "of the model in its checkpoint.json?")
     state = {name: torch.empty(stored[name].size, dtype=stored[name].properties.dtype)
              for name in names}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():  # one process is the point, not a surprise to warn about
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     return state

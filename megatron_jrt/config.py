@@ -3,6 +3,11 @@
 The spec (`JRT_SPEC.md` section 3) fixes the architecture; this module is the one place that
 turns a preset name or a user override into a validated `JRTModelConfig`, and that into the
 `TransformerConfig` megatron-core's layers read.
+
+The paper's two baselines are presets of the same config, so they share data, trainer,
+checkpoints and decoder with JRT-RNN: Based is the JRT layer pattern with `prefix_length` 0
+(its PLA layers then are causal Taylor linear attention, no MLM term), Transformer++ is every
+layer full causal attention (`A`) with `prefix_length` 0.
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 # One letter per layer in `layer_pattern`.
-PLA, SWA, BASECONV = "P", "S", "C"
-MIXER_NAMES = {PLA: "prefix linear attention", SWA: "sliding-window attention", BASECONV: "BaseConv"}
+PLA, SWA, BASECONV, ATTENTION = "P", "S", "C", "A"
+MIXER_NAMES = {PLA: "prefix linear attention", SWA: "sliding-window attention",
+               BASECONV: "BaseConv", ATTENTION: "full causal attention"}
 
 
 def pattern_from_indices(num_layers: int, pla_layers: list[int], swa_layers: list[int]) -> str:
@@ -33,7 +39,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class JRTModelConfig:
-    """Architecture of one JRT-RNN model (defaults are the spec's)."""
+    """Architecture of one JRT-RNN (or baseline) model; defaults are the spec's."""
 
     hidden_size: int
     num_layers: int
@@ -41,7 +47,9 @@ class JRTModelConfig:
     layer_pattern: str
     vocab_size: int = 50264
     feature_dim: int = 16  # Taylor feature map input dim f (per head) of PLA
-    prefix_length: int = 1024  # M: tokens read non-causally by the PLA encoder
+    # M: tokens read non-causally by the PLA encoder and trained with MLM. 0: no encoder, a
+    # causal model trained with next-token prediction only (the Based and Transformer baselines).
+    prefix_length: int = 1024
     swa_window: int = 128  # keys before the query that sliding-window attention sees
     conv_kernel: int = 3
     rotary_base: int = 10000
@@ -62,9 +70,12 @@ class JRTModelConfig:
             raise ConfigError(f"model.{key}: {message}")
 
         for key in ("hidden_size", "num_layers", "num_heads", "vocab_size", "feature_dim",
-                    "prefix_length", "swa_window", "conv_kernel", "max_sequence_length"):
+                    "swa_window", "conv_kernel", "max_sequence_length"):
             if getattr(self, key) <= 0:
                 fail(key, f"must be positive, got {getattr(self, key)}")
+        if self.prefix_length < 0:
+            fail("prefix_length", f"must be >= 0 (0: a causal model without encoder), got "
+                                  f"{self.prefix_length}")
         if self.hidden_size % self.num_heads:
             fail("num_heads", f"hidden_size {self.hidden_size} is not divisible by num_heads "
                               f"{self.num_heads}")
@@ -73,8 +84,13 @@ class JRTModelConfig:
                                   f"{self.num_layers}; give one of {sorted(MIXER_NAMES)} per layer")
         unknown = set(self.layer_pattern) - set(MIXER_NAMES)
         if unknown:
-            fail("layer_pattern", f"unknown letters {sorted(unknown)}; use P (PLA), S (SWA), "
-                                  f"C (BaseConv)")
+            known = ", ".join(f"{letter} ({name})" for letter, name in MIXER_NAMES.items())
+            fail("layer_pattern", f"unknown letters {sorted(unknown)}; use {known}")
+        if self.prefix_length and PLA not in self.layer_pattern:
+            # Only PLA reads the prefix non-causally; without it the MLM term would train a
+            # causal model to fill in tokens it cannot see around.
+            fail("prefix_length", f"{self.prefix_length}, but layer_pattern has no {PLA} layer to "
+                                  "read a prefix; set prefix_length 0 (causal, next-token only)")
         if self.prefix_length > self.max_sequence_length:
             fail("prefix_length", f"{self.prefix_length} is longer than max_sequence_length "
                                   f"{self.max_sequence_length}")
@@ -100,12 +116,26 @@ class JRTModelConfig:
         params_dtype: torch.dtype = torch.float32,
         bf16: bool = False,
         recompute_granularity: str | None = None,
+        fusions: bool = False,
         **overrides,
     ):
-        """The megatron-core TransformerConfig shared by every layer of the model."""
+        """The megatron-core TransformerConfig shared by every layer of the model.
+
+        `fusions` turns on megatron's fused kernels that need neither apex nor Transformer
+        Engine (torch.compile'd, `megatron.core.jit`): the SwiGLU of every MLP (forward and
+        backward one kernel each, only its input saved) and, in bf16, the vocabulary cross
+        entropy (fewer passes over the fp32 logits; its backward returns bf16 logit gradients,
+        which would round an fp32 run's). The others do not apply: no bias or dropout to fuse
+        with the residual add, no masked softmax, RoPE and norm fusions need TE or apex.
+        """
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.validate(tensor_parallel, pipeline_parallel)
+        fused = {}
+        if fusions:
+            fused["bias_activation_fusion"] = True
+            if bf16:
+                fused.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
         recompute = {}
         if recompute_granularity == "full":
             recompute = dict(recompute_granularity="full", recompute_method="uniform",
@@ -138,7 +168,7 @@ class JRTModelConfig:
             bf16=bf16,
             use_cpu_initialization=not torch.cuda.is_available(),
             **recompute,
-            **overrides,
+            **{**fused, **overrides},
         )
 
     def replace(self, **changes) -> "JRTModelConfig":
@@ -162,6 +192,21 @@ PRESETS: dict[str, JRTModelConfig] = {
 }
 
 
+def _baselines(jrt_presets: dict[str, JRTModelConfig]) -> dict[str, JRTModelConfig]:
+    """The paper's baselines of every JRT preset, equal in width, depth, heads, MLP and vocab:
+    `based-*` (the JRT pattern, causal) and `transformer-*` (every layer full attention)."""
+    baselines = {}
+    for name, jrt in jrt_presets.items():
+        size = name.removeprefix("jrt-")
+        baselines[f"based-{size}"] = jrt.replace(prefix_length=0)
+        baselines[f"transformer-{size}"] = jrt.replace(
+            prefix_length=0, layer_pattern=ATTENTION * jrt.num_layers)
+    return baselines
+
+
+PRESETS.update(_baselines(PRESETS))
+
+
 def preset(name: str, **overrides) -> JRTModelConfig:
     """A copy of the named preset with `overrides` applied."""
     if name not in PRESETS:
@@ -170,4 +215,4 @@ def preset(name: str, **overrides) -> JRTModelConfig:
 
 
 __all__ = ["JRTModelConfig", "ConfigError", "PRESETS", "preset", "pattern_from_indices",
-           "PLA", "SWA", "BASECONV"]
+           "PLA", "SWA", "BASECONV", "ATTENTION"]

@@ -1,4 +1,5 @@
-"""Model FLOPs of JRT-RNN per token, counted layer by layer as the layers compute them.
+"""Model FLOPs of JRT-RNN (and its baselines) per token, counted layer by layer as the layers
+compute them.
 
 The count feeds TFLOP/s and MFU in the training log (`metrics.py`); the full formula with every
 term is written out in docs/METRICS.md. Conventions:
@@ -12,11 +13,14 @@ term is written out in docs/METRICS.md. Conventions:
 - PLA is counted as the recurrent algorithm computes it (state update and readout per token,
   plus the encoder reduction over the prefix). The chunked kernel trades some of that for an
   intra-chunk quadratic term; docs/METRICS.md gives that variant too, but it is not what we count.
+- Softmax attention (SWA and full) counts the keys each query sees: full causal attention the
+  causal half, (L + 1) / 2 keys on average, which is what FlashAttention's causal kernels
+  compute (they skip the blocks above the diagonal).
 - The LM head runs against the padded vocabulary (rows that exist and are multiplied).
 """
 from __future__ import annotations
 
-from megatron_jrt.config import BASECONV, PLA, SWA, JRTModelConfig
+from megatron_jrt.config import ATTENTION, BASECONV, PLA, SWA, JRTModelConfig
 
 
 def swa_mean_keys(seq_length: int, window: int) -> float:
@@ -45,10 +49,19 @@ def pla_flops(cfg: JRTModelConfig, seq_length: int) -> float:
     return projections + h * per_head
 
 
-def swa_flops(cfg: JRTModelConfig, seq_length: int) -> float:
+def softmax_attention_flops(cfg: JRTModelConfig, mean_keys: float) -> float:
+    """qkv, output projection, and QK^T and AV over `mean_keys` keys per query."""
     d = cfg.hidden_size
-    keys = swa_mean_keys(seq_length, cfg.swa_window)
-    return 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * keys  # qkv, out, QK^T and AV over the band
+    return 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * mean_keys
+
+
+def swa_flops(cfg: JRTModelConfig, seq_length: int) -> float:
+    return softmax_attention_flops(cfg, swa_mean_keys(seq_length, cfg.swa_window))
+
+
+def attention_flops(cfg: JRTModelConfig, seq_length: int) -> float:
+    """Full causal attention: query i sees i + 1 keys, (L + 1) / 2 on average."""
+    return softmax_attention_flops(cfg, (seq_length + 1) / 2)
 
 
 def baseconv_flops(cfg: JRTModelConfig) -> float:
@@ -68,7 +81,7 @@ def flops_per_token(cfg: JRTModelConfig, seq_length: int, *, training: bool = Tr
     if seq_length <= 0:
         raise ValueError(f"seq_length must be positive, got {seq_length}")
     mixer = {PLA: pla_flops(cfg, seq_length), SWA: swa_flops(cfg, seq_length),
-             BASECONV: baseconv_flops(cfg)}
+             BASECONV: baseconv_flops(cfg), ATTENTION: attention_flops(cfg, seq_length)}
     forward = sum(mixer[letter] + mlp_flops(cfg) for letter in cfg.layer_pattern)
     forward += lm_head_flops(cfg)
     return 3.0 * forward if training else float(forward)
@@ -107,4 +120,5 @@ def peak_flops_per_device(dtype: str) -> float | None:
 
 
 __all__ = ["flops_per_token", "peak_flops_per_device", "swa_mean_keys", "mlp_flops",
-           "pla_flops", "swa_flops", "baseconv_flops", "lm_head_flops"]
+           "pla_flops", "swa_flops", "attention_flops", "softmax_attention_flops",
+           "baseconv_flops", "lm_head_flops"]

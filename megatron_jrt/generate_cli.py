@@ -1,4 +1,10 @@
-"""jrt-generate: completions for prompts from a Hugging Face JRT directory (jrt-convert's output).
+"""jrt-generate: completions for prompts from a megatron_jrt checkpoint or an HF JRT directory.
+
+MODEL is an HF directory (jrt-convert to-hf's output: it has config.json), a checkpoint, or a
+save_dir (its newest checkpoint that verifies). A checkpoint becomes the HF model in memory, read
+and mapped as `jrt-convert to-hf` reads it (checkpoints_tools.read_as_hf: any TP/PP layout, one
+process, no process group, nothing written), with the tokenizer its run recorded
+(data.tokenizer). --tokenizer replaces either model's tokenizer.
 
 Prompts come from --prompt, --file (one per line) or --jsonl (a "prompt" field, or the fields a
 --jrt-prompt template needs). They run in left-padded batches through the HF model's generate()
@@ -13,9 +19,12 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
 
 # the JSONL fields each JRT-Prompt template reads, in the template function's argument order
 TEMPLATE_FIELDS = {"qa": ("question", "context", "cloze"), "extraction": ("key", "document")}
@@ -51,8 +60,9 @@ class AutoTokenizerCodec:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jrt-generate", description=__doc__.split("\n")[0])
-    parser.add_argument("model_dir", type=Path,
-                        help="a Hugging Face JRT directory (jrt-convert to-hf)")
+    parser.add_argument("model", type=Path, metavar="MODEL",
+                        help="a Hugging Face JRT directory (jrt-convert to-hf), a checkpoint, or "
+                        "a save_dir (its newest checkpoint)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--file", type=Path, help="prompts, one per line (blank lines skipped)")
@@ -68,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="nucleus sampling (with temperature > 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--out", type=Path, help="write one JSON record per prompt here")
+    parser.add_argument("--tokenizer", metavar="TOKENIZER",
+                        help="a SentencePiece .model or gpt2:/dir (default: the HF directory's "
+                        "tokenizer, or the data.tokenizer the checkpoint's run recorded)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -121,25 +134,70 @@ def render_template(template: str, record: dict) -> str:
 
 
 def load_codec(model_dir: Path) -> Codec:
-    """AutoTokenizer when the directory has a tokenizer config, else its tokenizer.model."""
+    """AutoTokenizer when the directory has a tokenizer config, else its tokenizer.model.
+
+    AutoTokenizer gets the directory's config from us: left to read config.json itself, it
+    would ask on the terminal whether to run the directory's custom code (auto_map)."""
     if (model_dir / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        return AutoTokenizerCodec(AutoTokenizer.from_pretrained(model_dir))
+        from megatron_jrt.hf.configuration_jrt import JRTConfig
+
+        config = JRTConfig.from_pretrained(model_dir)
+        return AutoTokenizerCodec(AutoTokenizer.from_pretrained(model_dir, config=config))
     if (model_dir / "tokenizer.model").is_file():
         from data_prep.tokenizer import load_tokenizer
 
         return load_tokenizer(str(model_dir / "tokenizer.model"))
-    raise UsageError(f"{model_dir}: no tokenizer (tokenizer_config.json or tokenizer.model)")
+    raise UsageError(f"{model_dir}: no tokenizer (tokenizer_config.json or tokenizer.model); "
+                     "pass --tokenizer PATH (a SentencePiece .model or gpt2:/dir)")
 
 
-def load_model(model_dir: Path, device: str):
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{model_dir}: not a Hugging Face JRT directory (no config.json); "
-                         "convert a checkpoint with `jrt-convert to-hf CKPT DIR`")
-    from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
+def load_tokenizer_spec(spec: str) -> Codec:
+    """The --tokenizer the user named (a SentencePiece .model or gpt2:/dir)."""
+    from data_prep.tokenizer import load_tokenizer
 
-    return JRTForCausalLM.from_pretrained(model_dir).to(device).eval()
+    try:
+        return load_tokenizer(spec)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UsageError(f"--tokenizer {spec}: {exc}") from exc
+
+
+def load_model(path: Path, tokenizer: str | None, device: str
+               ) -> tuple[JRTForCausalLM, Codec]:
+    """(the HF model in eval mode on `device`, its codec) for MODEL `path`."""
+    if (path / "config.json").is_file():
+        from megatron_jrt.hf.modeling_jrt import JRTForCausalLM
+
+        model = JRTForCausalLM.from_pretrained(path)
+        codec = load_tokenizer_spec(tokenizer) if tokenizer else load_codec(path)
+    elif path.exists():
+        model, codec = load_checkpoint(path, tokenizer)
+    else:
+        raise UsageError(f"{path}: no such directory; give a Hugging Face JRT directory "
+                         "(jrt-convert to-hf), a checkpoint or a save_dir")
+    return model.to(device).eval(), codec
+
+
+def load_checkpoint(path: Path, tokenizer: str | None) -> tuple[JRTForCausalLM, Codec]:
+    """The HF model built in memory from checkpoint (or save_dir) `path`, and its tokenizer."""
+    from checkpoints_tools.hf_dir import model_from_state
+    from checkpoints_tools.read_as_hf import read_as_hf
+    from megatron_jrt.checkpoint import CheckpointError
+
+    try:
+        found = read_as_hf(path, tokenizer=tokenizer)
+    except CheckpointError as exc:
+        raise UsageError(f"{path} is no Hugging Face JRT directory (no config.json) and no "
+                         f"checkpoint: {exc}") from exc
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if found.tokenizer is None:
+        recorded = (f"its run's data.tokenizer {found.recorded_tokenizer} is not on this machine"
+                    if found.recorded_tokenizer else "its run recorded no data.tokenizer")
+        raise UsageError(f"{found.path}: no tokenizer ({recorded}); pass --tokenizer PATH (a "
+                         "SentencePiece .model or gpt2:/dir)")
+    return model_from_state(found.state, found.config), found.tokenizer
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,7 +238,7 @@ def run(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise UsageError("--max-new-tokens and --batch-size must be at least 1")
     records = read_records(args)
-    model, codec = load_model(args.model_dir, args.device), load_codec(args.model_dir)
+    model, codec = load_model(args.model, args.tokenizer, args.device)
     prompts = encode_prompts(codec, records)
     torch.manual_seed(args.seed)
     started, new_tokens = time.perf_counter(), 0

@@ -19,10 +19,11 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from megatron_jrt.config import BASECONV, PLA, SWA, JRTModelConfig
+from megatron_jrt.config import ATTENTION, BASECONV, PLA, SWA, JRTModelConfig
+from megatron_jrt.mixers.attention import CausalCoreAttention, RecurrentSelfAttention
 from megatron_jrt.mixers.baseconv import BaseConv, BaseConvSubmodules
 from megatron_jrt.mixers.pla import PrefixLinearAttention, PrefixLinearAttentionSubmodules
-from megatron_jrt.mixers.swa import SlidingWindowCoreAttention, SlidingWindowSelfAttention
+from megatron_jrt.mixers.swa import SlidingWindowCoreAttention
 
 # apex / Transformer Engine would be picked here; the local provider needs neither.
 _BACKEND = LocalSpecProvider()
@@ -38,15 +39,15 @@ def mixer_spec(kind: str, cfg: JRTModelConfig) -> ModuleSpec:
             submodules=PrefixLinearAttentionSubmodules(
                 linear_qkv=column, linear_kv_enc=column, linear_proj=row),
         )
-    if kind == SWA:
+    if kind in (SWA, ATTENTION):
+        core = (ModuleSpec(module=SlidingWindowCoreAttention, params={"window": cfg.swa_window})
+                if kind == SWA else CausalCoreAttention)
         return ModuleSpec(
-            module=SlidingWindowSelfAttention,
+            module=RecurrentSelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
-                linear_qkv=column,
-                core_attention=ModuleSpec(module=SlidingWindowCoreAttention,
-                                          params={"window": cfg.swa_window}),
-                linear_proj=row, q_layernorm=IdentityOp, k_layernorm=IdentityOp),
+                linear_qkv=column, core_attention=core, linear_proj=row,
+                q_layernorm=IdentityOp, k_layernorm=IdentityOp),
         )
     if kind == BASECONV:
         return ModuleSpec(module=BaseConv, params={"kernel_size": cfg.conv_kernel},

@@ -1,8 +1,13 @@
 """JRT-RNN's training objective: next-token prediction after the prefix plus masked LM on it.
 
 loss = CE_ntp (mean over positions M..L-1) + 0.25 * CE_mlm (mean over masked prefix positions)
-(JRT_SPEC.md section 4), both means over the tokens of the whole global batch. Both terms share the tied LM head; the per-token cross entropy comes
-from megatron-core's vocab-parallel implementation inside GPTModel, so it is exact under TP.
+(JRT_SPEC.md section 4), both means over the tokens of the whole global batch. Both terms share
+the tied LM head; the per-token cross entropy comes from megatron-core's vocab-parallel
+implementation inside GPTModel, so it is exact under TP.
+
+With prefix length 0 (the Based and Transformer baselines) there is no MLM term: every position
+is a next-token position, and no "mlm loss" is reported (a mean over zero tokens would be NaN,
+and a NaN report makes the trainer skip the step).
 """
 from __future__ import annotations
 
@@ -23,10 +28,14 @@ class JRTBatch:
     labels: Tensor  # next token after the prefix, original token at masked prefix positions
     ntp_mask: Tensor  # float: 1 where the next-token loss counts
     mlm_mask: Tensor  # float: 1 where the masked-LM loss counts
+    # False without a prefix: the objective has no MLM term. A flag rather than a look at
+    # mlm_mask, so that every micro-batch and rank reports the same keys without a host sync.
+    has_mlm: bool = True
 
     def to(self, device) -> "JRTBatch":
         return JRTBatch(*(t.to(device, non_blocking=True) for t in
-                          (self.input_ids, self.labels, self.ntp_mask, self.mlm_mask)))
+                          (self.input_ids, self.labels, self.ntp_mask, self.mlm_mask)),
+                        has_mlm=self.has_mlm)
 
 
 def sample_seed(seed: int, sample_index: int) -> int:
@@ -59,6 +68,7 @@ def make_jrt_batch(tokens: Tensor, *, prefix_length: int, mask_id: int, seed: in
         labels=labels,
         ntp_mask=ntp_mask.float(),
         mlm_mask=masked.float(),
+        has_mlm=prefix > 0,
     )
 
 
@@ -77,7 +87,8 @@ def jrt_loss(per_token_loss: Tensor, batch: JRTBatch, global_tokens: Tensor | No
     and data-parallel ranks. `global_tokens` ([NTP, MLM] counts of the global batch, from
     `loss_tokens` summed over ranks) makes the shares of all micro-batches add up to it;
     None takes this batch alone as the global batch (the share is then the objective).
-    The reports are [sum, count] pairs for `training.step.reduce_losses`.
+    The reports are [sum, count] pairs for `training.step.reduce_losses`; "mlm loss" only when
+    the batch has an MLM term.
     """
     losses = per_token_loss.float()
     ntp_mask, mlm_mask = batch.ntp_mask, batch.mlm_mask
@@ -85,8 +96,10 @@ def jrt_loss(per_token_loss: Tensor, batch: JRTBatch, global_tokens: Tensor | No
     counts = torch.stack([ntp_mask.sum(), mlm_mask.sum()])
     totals = (counts if global_tokens is None else global_tokens).to(losses).clamp(min=1)
     share = ntp_sum / totals[0] + MLM_WEIGHT * mlm_sum / totals[1]
-    return share, {"lm loss": torch.stack([ntp_sum.detach(), counts[0]]),
-                   "mlm loss": torch.stack([mlm_sum.detach(), counts[1]])}
+    reports = {"lm loss": torch.stack([ntp_sum.detach(), counts[0]])}
+    if batch.has_mlm:
+        reports["mlm loss"] = torch.stack([mlm_sum.detach(), counts[1]])
+    return share, reports
 
 
 def with_objective(means: dict[str, float]) -> dict[str, float]:

@@ -2,15 +2,19 @@
 CPU ones).
 
 The first two concern the distributed optimizer over plain ``torch.optim.AdamW``, which
-megatron-core uses when neither apex nor Transformer Engine is installed; the third its
-checkpoint writer's helper process under stop signals. Remove each when an upgrade of
-megatron-core fixes it (the resume and signal tests in tests/test_checkpoint*.py,
-tests/test_run_control.py and tests/test_slurm.py then still pass without it).
+megatron-core uses when neither apex nor Transformer Engine is installed; the others its
+checkpoint writer's processes: the helper under stop signals, the background writer of an
+async save under stop signals and after an error (waited for, or killed). Remove each when
+an upgrade of megatron-core fixes it (the resume and signal tests in tests/test_checkpoint*.py,
+tests/test_async_checkpoint.py, tests/test_run_control.py and tests/test_slurm.py then
+still pass without it).
 """
 from __future__ import annotations
 
 import signal
+from typing import Callable
 
+import psutil
 import torch
 
 
@@ -95,3 +99,52 @@ def start_checkpoint_writer_helper() -> None:
         filesystem_async._get_write_results_queue()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def deaf_to_stop_signals(write: Callable, *args) -> None:
+    """`write(*args)` with the stop signals blocked: the body of an async save's writer.
+
+    megatron forks the background writer (and it forks one process per file) from the
+    trainer, so they inherit its stop-signal handlers, and a signal to every process (Slurm,
+    a terminal's Ctrl-C) would make each of them print the trainer's stop notice or, at a
+    second Ctrl-C, die in the middle of the checkpoint that the trainer is waiting for to
+    publish before it stops. Blocked, the signals stay with the trainer; SIGKILL still works.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    write(*args)
+
+
+def join_background_writes(queue) -> None:
+    """Wait for this rank's writers of `queue`'s (an AsyncCallsQueue) unfinished saves.
+
+    megatron's own wait (`maybe_finalize_async_calls`) is collective and finalises too; after
+    an error, a rank must first learn whether the others can join that (CheckpointSaver).
+    """
+    for call in queue.async_calls:
+        process = getattr(call.async_caller, "process", None)
+        if process is not None:
+            process.join()
+
+
+def kill_background_writes(queue) -> None:
+    """Kill the writer processes of `queue`'s (an AsyncCallsQueue) unfinished saves.
+
+    megatron's `AsyncCallsQueue.close(abort=True)` kills nothing with its default
+    (non-persistent) callers, and a caller's own `close(abort=True)` kills only the forked
+    writer, not the per-file processes it started. Their checkpoint stays unpublished.
+    """
+    for call in queue.async_calls:
+        process = getattr(call.async_caller, "process", None)
+        if process is not None and process.pid is not None:
+            try:
+                tree = psutil.Process(process.pid)
+                doomed = [*tree.children(recursive=True), tree]
+            except psutil.NoSuchProcess:
+                doomed = []
+            for member in doomed:
+                try:
+                    member.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            process.join()
+    queue.async_calls.clear()

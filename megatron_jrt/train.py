@@ -62,11 +62,10 @@ def _forward_step(data_iterator, model, *, global_tokens: torch.Tensor, scale: f
     objective token-weighted over the global batch (`megatron_jrt.loss.jrt_loss`).
     """
     from megatron_jrt.loss import jrt_loss
+    from megatron_jrt.training.engines.base import model_forward
 
     batch = next(data_iterator)
-    positions = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device)
-    output = model(batch.input_ids, positions.unsqueeze(0).expand_as(batch.input_ids), None,
-                   labels=batch.labels)
+    output = model_forward(model, batch)
 
     def loss_func(per_token_loss):
         share, reports = jrt_loss(per_token_loss, batch, global_tokens)
@@ -77,19 +76,16 @@ def _forward_step(data_iterator, model, *, global_tokens: torch.Tensor, scale: f
 
 def _step_forward(batches) -> partial:
     """The forward step of one optimizer step: it needs the global batch's loss token counts."""
-    from megatron.core import parallel_state
+    from megatron_jrt.training.engines.base import global_loss_tokens
 
-    from megatron_jrt.loss import loss_tokens
-
-    counts = loss_tokens(batches)
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    torch.distributed.all_reduce(counts, group=group)
-    scale = len(batches) * torch.distributed.get_world_size(group)
+    counts, scale = global_loss_tokens(batches)
     return partial(_forward_step, global_tokens=counts, scale=scale)
 
 
 def _load_tokenizer(cfg: TrainConfig):
-    if cfg.data.mock_data:
+    from megatron_jrt.data import generated_vocab_size
+
+    if generated_vocab_size(cfg.data) is not None:  # mock tokens or a synthetic task
         return None
     from data_prep.tokenizer import load_tokenizer
 
@@ -143,17 +139,21 @@ def _start(cfg: TrainConfig, shutdown) -> TrainResult:
 
 
 def _built_model_config(cfg: TrainConfig, tokenizer):
-    """The preset and overrides, with the vocabulary the run really has (tokenizer or mock)."""
+    """The preset and overrides, with the vocabulary the run really has (tokenizer or generated
+    data; the latter gets one more id, its mask id)."""
+    from megatron_jrt.data import generated_vocab_size
+
     model_cfg = cfg.model_config()
-    vocab = tokenizer.vocab_size if tokenizer is not None else cfg.data.mock_vocab_size + 1
+    vocab = (tokenizer.vocab_size if tokenizer is not None
+             else generated_vocab_size(cfg.data) + 1)
     return model_cfg.replace(vocab_size=vocab)
 
 
 def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
     from megatron.core import parallel_state
 
-    from megatron_jrt.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-    from megatron_jrt.data import JRTBatches, build_token_source
+    from megatron_jrt.checkpoint import resolve_resume
+    from megatron_jrt.data import JRTBatches, build_token_source, generated_vocab_size
     from megatron_jrt.distributed import agree
     from megatron_jrt.flops import flops_per_token, peak_flops_per_device
     from megatron_jrt.loss import with_objective
@@ -161,17 +161,14 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
     from megatron_jrt.model import build_model
     from megatron_jrt.platform import current_device
     from megatron_jrt.runlog import truncate_losses
-    from megatron_jrt.training.optim import build_optimizer
-    from megatron_jrt.training.parallelize import wrap_with_ddp
+    from megatron_jrt.training.engines import build_engine
     from megatron_jrt.training.preflight import open_data
-    from megatron_jrt.training.resume import (apply_optimizer_config, restore_data_position,
-                                              resume_notice)
+    from megatron_jrt.training.resume import restore_data_position, resume_notice
     from megatron_jrt.megatron_workarounds import start_checkpoint_writer_helper
-    from megatron_jrt.training.step import eval_step
 
     world = torch.distributed.get_world_size()
     run_dir = Path(cfg.logging.run_dir)
-    mask_id = tokenizer.mask_id if tokenizer is not None else cfg.data.mock_vocab_size
+    mask_id = tokenizer.mask_id if tokenizer is not None else generated_vocab_size(cfg.data)
     # Data first (cheap, and most often wrong): every split the run reads is opened now,
     # not at the first evaluation.
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -195,20 +192,19 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
         tensor_parallel=cfg.parallel.tensor_parallel,
         pipeline_parallel=cfg.parallel.pipeline_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
-        recompute_granularity=cfg.training.recompute)
+        recompute_granularity=cfg.training.recompute, fusions=cfg.training.fusions_enabled())
     model = build_model(model_cfg, transformer_config)
     if torch.cuda.is_available():
         model.cuda()
-    chunks = wrap_with_ddp([model], transformer_config,
-                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-                           overlap_grad_reduce=cfg.parallel.overlap_grad_reduce)
-    opt = cfg.optimizer
-    optimizer, scheduler = build_optimizer(
-        chunks, lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
-        adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-        clip_grad=opt.clip_grad, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        bf16=bf16, warmup_steps=opt.warmup_steps,
-        decay_steps=opt.decay_steps or cfg.training.train_steps, lr_decay_style=opt.lr_decay_style)
+    if cfg.training.compile:
+        from megatron_jrt.training.compile import compile_model
+
+        _print(f"training.compile: {len(compile_model(model, model_cfg))} modules compiled "
+               "(norms, MLPs, full-attention mixers); the first steps compile them")
+    # The engine (training.engine) wraps the model with its optimizer and LR schedule.
+    num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp_world)
+    engine = build_engine(cfg, model, transformer_config, bf16=bf16, dp_world=dp_world,
+                          num_microbatches=num_microbatches, step_forward=_step_forward)
 
     # Checkpoint: resume (model, optimizer, scheduler, RNG, data position, counters).
     ckpt = cfg.checkpoint
@@ -218,13 +214,11 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
         _print(f"WARNING: {problem}")
     result = TrainResult()
     if resume_path is not None:
-        resumed = load_checkpoint(resume_path, chunks, optimizer, scheduler,
-                                  expected_model_config=config_dict["model"], verify=False)
-        apply_optimizer_config(optimizer, scheduler, opt)
+        resumed = engine.load(resume_path, expected_model_config=config_dict["model"])
         for warning in resumed.warnings:
             _print(f"WARNING: {warning}")
         _print(f"resumed from {resume_path} at step {resumed.step}")
-        notice = resume_notice(resumed, config_dict["train"], optimizer.param_groups[0]["lr"])
+        notice = resume_notice(resumed, config_dict["train"], engine.learning_rate)
         if notice:
             _print(notice)
         error = None
@@ -241,14 +235,11 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
         if ckpt.init_from:
             _print("checkpoint.init_from: not used, the run resumes from its own checkpoint")
     elif ckpt.init_from:
-        _init_weights(ckpt, chunks, config_dict["model"])
+        _init_weights(ckpt, engine.chunks, config_dict["model"])  # megatron only (validate)
     elif ckpt.resume == "auto":
         _print(f"checkpoint.resume=auto: no checkpoint in {ckpt.save_dir}; starting at step 0")
 
-    num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp_world)
     device = current_device()
-    step_kwargs = dict(num_microbatches=num_microbatches, seq_length=cfg.data.seq_length,
-                       micro_batch_size=cfg.data.micro_batch_size)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
     losses_file = run_dir / "losses.jsonl" if _is_logging_rank() else None
     if losses_file is not None:
@@ -260,19 +251,22 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
         for eval_index in range(cfg.training.eval_steps):
             batches = valid_batches.step(eval_index * cfg.data.global_batch_size,
                                          num_microbatches, device)
-            reduced = eval_step(_step_forward(batches), iter(batches), chunks, **step_kwargs)
+            reduced = engine.eval_step(batches)
             for name, value in with_objective(reduced).items():
                 totals[name] = totals.get(name, 0.0) + value / cfg.training.eval_steps
         result.validation.append(totals)
         logger.log_validation(step=step, consumed_samples=result.consumed_samples,
                               losses=totals)
 
+    checkpoints = engine.saver(ckpt.save_dir, config_dict=config_dict,
+                               async_save=ckpt.async_save, keep_last=ckpt.keep_last,
+                               keep_every=ckpt.keep_every)
+
     def save(step: int) -> None:
-        save_checkpoint(ckpt.save_dir, step, chunks, optimizer, scheduler,
-                        config_dict=config_dict, data_state=train_batches.source.state_dict(),
-                        consumed_samples=result.consumed_samples,
-                        consumed_tokens=result.consumed_tokens,
-                        keep_last=ckpt.keep_last, keep_every=ckpt.keep_every)
+        """Checkpoint `step`, captured now; with async_save it is published at a later step."""
+        checkpoints.save(step, data_state=train_batches.source.state_dict(),
+                         consumed_samples=result.consumed_samples,
+                         consumed_tokens=result.consumed_tokens)
         result.saved_step = step
 
     logger = MetricsLogger(
@@ -283,13 +277,19 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
     if ckpt.save_dir:
         start_checkpoint_writer_helper()  # before a stop signal can reach it
     try:
-        _loop(cfg, result, train_batches, chunks, optimizer, scheduler, logger, shutdown,
-              step_kwargs=step_kwargs, device=device, tokens_per_step=tokens_per_step,
-              losses_file=losses_file, save=save, evaluate=evaluate)
+        with checkpoints:  # on an error: publish a pending save if every rank failed
+            _loop(cfg, result, train_batches, engine, logger, shutdown,
+                  num_microbatches=num_microbatches, device=device,
+                  tokens_per_step=tokens_per_step, losses_file=losses_file, save=save,
+                  checkpoints=checkpoints, evaluate=evaluate)
     finally:
         logger.close()
+        engine.close()
     if cfg.training.sample_tokens and tokenizer is not None and not result.stopped_by_signal:
-        result.sample = _sample(cfg, model, model_cfg, tokenizer)
+        if engine.name == "megatron":
+            result.sample = _sample(cfg, model, model_cfg, tokenizer)
+        else:
+            _print(f"sample: skipped (not implemented for training.engine={engine.name})")
     return result
 
 
@@ -305,22 +305,19 @@ def _init_weights(ckpt, chunks, model_config: dict) -> None:
            "optimizer, LR schedule and data start fresh at step 0")
 
 
-def _loop(cfg: TrainConfig, result: TrainResult, train_batches, chunks, optimizer, scheduler,
-          logger, shutdown, *, step_kwargs: dict, device, tokens_per_step: int,
-          losses_file: Path | None, save, evaluate) -> None:
+def _loop(cfg: TrainConfig, result: TrainResult, train_batches, engine, logger, shutdown, *,
+          num_microbatches: int, device, tokens_per_step: int, losses_file: Path | None, save,
+          checkpoints, evaluate) -> None:
     """Steps until training.train_steps or a stop signal; then the final checkpoint."""
     from megatron_jrt.loss import with_objective
-    from megatron_jrt.training.step import train_step
 
     training, save_dir = cfg.training, cfg.checkpoint.save_dir
     consecutive_nonfinite, interval_start, steps_in_interval = 0, time.perf_counter(), 0
     done = result.last_step = result.start_step
     for step in range(result.start_step, training.train_steps):
         step_start = time.perf_counter()
-        batches = train_batches.step(result.consumed_samples, step_kwargs["num_microbatches"],
-                                     device)
-        outcome = train_step(_step_forward(batches), iter(batches), chunks, optimizer, scheduler,
-                             **step_kwargs)
+        batches = train_batches.step(result.consumed_samples, num_microbatches, device)
+        outcome = engine.train_step(batches)
         losses = with_objective(outcome.losses)
         loss = losses.get("loss", math.nan)  # a host value: the step has finished
         result.step_times.append(time.perf_counter() - step_start)
@@ -356,6 +353,7 @@ def _loop(cfg: TrainConfig, result: TrainResult, train_batches, chunks, optimize
                 max_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available()
                 else None)
             interval_start, steps_in_interval = time.perf_counter(), 0
+        checkpoints.poll(done)  # publish a background save once every rank has written it
         if save_dir and done % cfg.checkpoint.save_interval == 0:
             save(done)  # before evaluating: an evaluation that fails loses no training
         if shutdown.requested():
@@ -369,6 +367,7 @@ def _loop(cfg: TrainConfig, result: TrainResult, train_batches, chunks, optimize
             evaluate(done)
     if save_dir and done > (result.saved_step or 0):
         save(done)
+    checkpoints.finish()  # the run (also a stopped one) ends with its checkpoints published
 
 
 def _sample(cfg: TrainConfig, model, model_cfg, tokenizer) -> str | None:
@@ -398,15 +397,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _accelerators() -> str:
-    """Which optional accelerators megatron-core will use (apex, Transformer Engine)."""
+def _accelerators(cfg: TrainConfig) -> str:
+    """Which optional accelerators megatron-core will use (apex, Transformer Engine), the Adam
+    that will run, and the speed switches (`training.fusions`, `training.compile`)."""
     from importlib.util import find_spec
+
+    from megatron_jrt.training.optim import adam_implementation
 
     found = [name for name, module in (("apex", "apex"), ("Transformer Engine",
                                                           "transformer_engine"))
              if find_spec(module) is not None]
-    return ("accelerators: " + ", ".join(found) if found else
-            "accelerators: none (no apex or Transformer Engine: torch AdamW and torch norms)")
+    fusions = cfg.training.fusions_enabled()
+    return ("accelerators: " + (", ".join(found) if found else
+                                "none (no apex or Transformer Engine: torch norms)")
+            + f" | Adam: {adam_implementation(fused_adam=fusions)}"
+            + f" | fusions {'on' if fusions else 'off'} | compile "
+            + ("on" if cfg.training.compile else "off"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,
                              seed=cfg.training.seed)
-            _print(_accelerators())
+            _print(_accelerators(cfg))
             code, message = _outcome(train(cfg))
             _print(f"jrt-train: {message}")
         except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - reported in one line

@@ -35,6 +35,9 @@ from megatron_jrt.config import ConfigError, JRTModelConfig, preset
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 RECOMPUTE_CHOICES = (None, "full")
+ENGINES = ("megatron", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
+OFFLOAD_CHOICES = ("none", "optimizer", "optimizer+params")
 
 
 @dataclass
@@ -65,6 +68,10 @@ class DataSection:
     # checks that must not depend on how shards are split across ranks.
     mock_data: bool = False
     mock_vocab_size: int = 1000
+    # A synthetic recall task instead of shards, e.g. {task: mqar, vocab_size: 8192,
+    # kv_pairs: [4, 8, 16]} (megatron_jrt.evals.tasks): the loss counts its answers only, and
+    # a JRT model's prefix must be its context region. Empty: off.
+    synthetic: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -93,6 +100,31 @@ class TrainingSection:
     log_interval: int = 10
     sample_prompt: str = ""
     sample_tokens: int = 0
+    # Fused kernels that compute the same update and losses as the plain path: torch's fused
+    # AdamW where megatron falls back to torch AdamW, megatron's SwiGLU and (bf16) cross-entropy
+    # fusions (`JRTModelConfig.to_transformer_config`). null: on when training on CUDA;
+    # true: also on CPU (a slower start, the fusions are torch.compile'd there too);
+    # false: off everywhere (the plain path, to measure or compare against).
+    fusions: bool | None = None
+    # torch.compile of every layer's norms and MLP and of full-attention mixers
+    # (`megatron_jrt.training.compile`): fused elementwise work; inductor compiles during the
+    # first steps (tens of seconds). Off by default until measured on GPU (docs/PERFORMANCE.md).
+    compile: bool = False
+    # The training engine: megatron (megatron-core DDP and distributed optimizer, TP/PP) or
+    # deepspeed (ZeRO, TP = PP = 1, an optional extra; megatron_jrt.training.engines, README).
+    engine: str = "megatron"
+    # deepspeed only: a DeepSpeed JSON merged into the config generated from this one (a value
+    # set differently in both is an error); the ZeRO stage (1 | 2 | 3); what ZeRO offloads to
+    # CPU (none | optimizer | optimizer+params, the latter with zero_stage 3).
+    deepspeed_config: str = ""
+    zero_stage: int = 2
+    offload: str = "none"
+
+    def fusions_enabled(self) -> bool:
+        """`fusions` with null resolved for this machine."""
+        import torch
+
+        return torch.cuda.is_available() if self.fusions is None else self.fusions
 
 
 @dataclass
@@ -102,6 +134,12 @@ class CheckpointSection:
     resume: str = "none"  # none | auto (latest in save_dir) | path to a checkpoint
     keep_last: int = 3
     keep_every: int = 0  # also keep every Nth step's checkpoint; 0: off
+    # Write checkpoints in the background: training stalls only while the state is captured
+    # and copied to host memory, and a checkpoint is published (renamed, `latest`) once every
+    # rank has written it, so crash safety is that of a synchronous save. On by default, as
+    # it is safe wherever a synchronous save is; a save whose host copies would not fit in
+    # half of a host's free memory is written synchronously instead, with a warning.
+    async_save: bool = True
     # Start from these model weights (a checkpoint or a save_dir: its newest) with a fresh
     # optimizer, schedule and data position (fine-tuning, continued pretraining). Used only
     # when there is nothing to resume: a run that resumes (resume=auto found a checkpoint)
@@ -416,6 +454,7 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
 
     if cfg.training.recompute not in RECOMPUTE_CHOICES:
         fail("training.recompute", f"{cfg.training.recompute!r} is not one of null, 'full'")
+    _validate_engine(cfg)
 
     ckpt = cfg.checkpoint
     if ckpt.resume not in ("none", "auto"):
@@ -447,6 +486,8 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
                                     f"data.seq_length {data.seq_length} (the NTP loss covers "
                                     "positions prefix_length..seq_length-1); set "
                                     "model.overrides.prefix_length < data.seq_length")
+    if data.synthetic:
+        _validate_synthetic(data, model.prefix_length)
 
     if world_size is not None:
         if world_size <= 0 or world_size % (tp * pp):
@@ -463,7 +504,49 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
                                        "choose a multiple")
 
 
+def _validate_engine(cfg: TrainConfig) -> None:
+    """training.engine and its DeepSpeed settings (the DeepSpeed JSON is read at start-up)."""
+    training, parallel = cfg.training, cfg.parallel
+    if training.engine not in ENGINES:
+        raise ConfigError(f"training.engine: {training.engine!r} is not one of "
+                          f"{', '.join(ENGINES)}")
+    if training.zero_stage not in ZERO_STAGES:
+        raise ConfigError(f"training.zero_stage: {training.zero_stage} is not one of 1, 2, 3")
+    if training.offload not in OFFLOAD_CHOICES:
+        raise ConfigError(f"training.offload: {training.offload!r} is not one of "
+                          f"{', '.join(OFFLOAD_CHOICES)}")
+    if training.engine != "deepspeed":
+        return
+    if parallel.tensor_parallel != 1 or parallel.pipeline_parallel != 1:
+        raise ConfigError(
+            f"parallel.tensor_parallel: the deepspeed engine runs TP = PP = 1 (got TP="
+            f"{parallel.tensor_parallel}, PP={parallel.pipeline_parallel}); use "
+            "training.engine=megatron for tensor or pipeline parallelism")
+    if training.offload == "optimizer+params" and training.zero_stage != 3:
+        raise ConfigError(f"training.offload: 'optimizer+params' needs training.zero_stage=3 "
+                          f"(got {training.zero_stage}); only ZeRO-3 partitions parameters")
+    if cfg.checkpoint.init_from:
+        raise ConfigError("checkpoint.init_from: not supported with training.engine=deepspeed "
+                          "yet; leave it empty")
+    if training.compile:
+        raise ConfigError("training.compile: not supported with training.engine=deepspeed yet; "
+                          "set it to false")
+
+
+def _validate_synthetic(data: DataSection, prefix_length: int) -> None:
+    """data.synthetic: a task that can generate, no other data source, a prefix that fits it."""
+    from megatron_jrt.evals.tasks import build_task, check_prefix
+
+    for key in ("data_dir", "tokenizer"):
+        if getattr(data, key):
+            raise ConfigError(f"data.{key}: {getattr(data, key)!r}, but data.synthetic generates "
+                              "its own tokens; leave data.data_dir and data.tokenizer empty")
+    if data.mock_data:
+        raise ConfigError("data.mock_data: true, but data.synthetic is set too; choose one")
+    check_prefix(build_task(data.synthetic, data.seq_length), prefix_length)
+
+
 __all__ = ["TrainConfig", "ModelSection", "ParallelSection", "DataSection", "OptimizerSection",
            "TrainingSection", "CheckpointSection", "LoggingSection", "ConfigError",
            "load_config", "config_from_dict", "config_to_dict", "format_config", "save_config",
-           "LR_DECAY_STYLES"]
+           "LR_DECAY_STYLES", "ENGINES", "ZERO_STAGES", "OFFLOAD_CHOICES"]

@@ -178,17 +178,20 @@ def test_shards_interrupted_20_times_never_hangs_and_publishes_nothing_partial(t
     start_up = reference_run["first_shard_s"]
     end = start_up + 0.5 * (reference_run["seconds"] - start_up)
     delays = [rng.uniform(0.1, start_up) if k % 3 == 0 else rng.uniform(start_up, end) for k in range(20)]
-    stopped_while_publishing = 0
+    stopped_while_publishing = finished_early = 0
     for k, delay in enumerate(delays):
         out, log, marker = tmp_path / f"run{k}", tmp_path / f"err{k}.txt", f"sigint-{k}"
         proc = _start_shards(out, reference_run["corpus"], tok_path, marker, log)
         time.sleep(delay)
-        assert proc.poll() is None, f"run {k} finished before the signal at {delay:.2f} s; use a larger corpus"
+        if proc.poll() is not None:  # faster than the reference run (which shared the cores)
+            finished_early += 1
+            continue
         (os.killpg if k % 2 == 0 else os.kill)(proc.pid, signal.SIGINT)
         rc, seconds, err = _finish(proc, marker, log)
         _assert_interrupted(rc, seconds, err, signal.SIGINT)
         _assert_nothing_partial(out, reference_run, err)
         stopped_while_publishing += out.is_dir() and any(out.iterdir())
+    assert finished_early <= 5, f"{finished_early} of 20 runs finished before their signal; use a larger corpus"
     assert stopped_while_publishing >= 5, "too few runs stopped after their first shard: the test lost its aim"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.hf_tiny import returned_cache
 from tests.multiproc import launch
 
 pytest.importorskip("transformers")
@@ -102,7 +103,7 @@ def test_hf_logits_equal_megatron(layout, converted, reference_logits):
 
 def test_conversion_writes_a_sharded_custom_code_directory(converted):
     out = converted["tp2"]
-    for name in ("config.json", "configuration_jrt.py", "modeling_jrt.py",
+    for name in ("config.json", "configuration_jrt.py", "modeling_jrt.py", "pla_kernels.py",
                  "generation_config.json", "model.safetensors.index.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
@@ -133,7 +134,6 @@ print(json.dumps({"missing": sorted(info["missing_keys"]),
 def test_offline_load_with_remote_code(converted, reference_logits, tmp_path):
     torch.save(TOKENS, tmp_path / "tokens.pt")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, "-c", _OFFLINE_LOAD, str(converted["pp2"]), str(tmp_path / "tokens.pt"),
          str(tmp_path / "logits.pt")],
@@ -194,7 +194,7 @@ def test_cached_steps_equal_full_forward_past_window_and_prefix():
         out = model(sequence[:, :16], use_cache=True)
         steps = [out.logits]
         for i in range(16, 40):
-            out = model(sequence[:, i:i + 1], cache=out.cache, use_cache=True)
+            out = model(sequence[:, i:i + 1], cache=returned_cache(out), use_cache=True)
             steps.append(out.logits)
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-4
 
@@ -203,4 +203,4 @@ def test_cache_refuses_to_continue_a_prompt_shorter_than_the_prefix():
     model = _random_model()
     out = model(TOKENS[:, :10])  # a plain forward of a short prompt works (use_cache default)
     with pytest.raises(ValueError, match="prefix_length=16"):
-        model(TOKENS[:, 10:11], cache=out.cache)
+        model(TOKENS[:, 10:11], cache=returned_cache(out))

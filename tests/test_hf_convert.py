@@ -142,15 +142,57 @@ def test_from_hf_cli_refuses_a_used_save_dir_and_a_non_hf_dir(hf_dir, checkpoint
 
 SENTENCE = "Read it twice: the 2nd pass sees  all 123 keys.\nÉtude [MASK] </s> <|endoftext|>"
 
+# The ways to load a to-hf tokenizer with no question asked. AutoTokenizer reads config.json
+# first, whose auto_map names custom code: without trust_remote_code, transformers 5.x asks on
+# the terminal whether to run it (15 s, then loads it anyway); no file layout avoids that while
+# the model's auto_map stays (README, Hugging Face export).
 _OFFLINE_TOKENIZER = """
 import json, sys
-from transformers import AutoTokenizer
-# trust_remote_code as for the model: AutoTokenizer reads config.json (auto_map) first
-tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
-ids = tok.encode(sys.argv[2])
-print(json.dumps({"ids": ids, "text": tok.decode(ids), "eos": tok.eos_token_id,
-                  "pad": tok.pad_token_id, "mask": tok.mask_token_id}))
+from pathlib import Path
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from megatron_jrt.generate_cli import load_codec
+
+loaders = {"AutoTokenizer": lambda d: AutoTokenizer.from_pretrained(d, trust_remote_code=True),
+           "PreTrainedTokenizerFast": PreTrainedTokenizerFast.from_pretrained,
+           "jrt-generate": lambda d: load_codec(Path(d)).tokenizer}
+for name, load in loaders.items():
+    tok = load(sys.argv[1])
+    ids = tok.encode(sys.argv[2])
+    print(json.dumps({"loader": name, "ids": ids, "text": tok.decode(ids), "eos": tok.eos_token_id,
+                      "pad": tok.pad_token_id, "mask": tok.mask_token_id}))
 """
+
+
+def _run_in_terminal(args: list[str], env: dict, cwd: Path, timeout: float = 180
+                     ) -> tuple[int, str]:
+    """(exit status, output) of `args` with a pseudo-terminal as stdin, stdout and stderr, as
+    from a user's shell: a question asked with input() shows in the output (and waits)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(args, stdin=follower, stdout=follower, stderr=follower, env=env,
+                               cwd=cwd)
+    os.close(follower)
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 1.0)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif process.poll() is not None:
+            break
+    os.close(leader)
+    if process.poll() is None:
+        process.kill()
+    return process.wait(), output.decode(errors="replace")
 
 
 def _gpt2_vocab_dir(root: Path) -> Path:
@@ -182,7 +224,6 @@ def tokenizer_specs(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("layout", ["sentencepiece", "gpt2"])
 def test_to_hf_tokenizer_loads_offline_with_the_training_ids(layout, tokenizer_specs, tmp_path):
     import os
-    import subprocess
     import sys
 
     from checkpoints_tools.convert import from_hf, main
@@ -195,18 +236,54 @@ def test_to_hf_tokenizer_loads_offline_with_the_training_ids(layout, tokenizer_s
     assert main(["to-hf", str(checkpoint), str(out), "--tokenizer",
                  tokenizer_specs[layout]]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run([sys.executable, "-c", _OFFLINE_TOKENIZER, str(out), SENTENCE],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-                            stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, result.stderr
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    assert loaded["ids"] == training.encode(SENTENCE)
-    assert loaded["text"] == training.decode(training.encode(SENTENCE))
-    assert (loaded["eos"], loaded["pad"], loaded["mask"]) == (training.eod_id, training.pad_id,
-                                                              training.mask_id)
+    status, output = _run_in_terminal([sys.executable, "-c", _OFFLINE_TOKENIZER, str(out),
+                                       SENTENCE], env, tmp_path)
+    assert status == 0, output[-3000:]
+    assert "Do you wish to run the custom code?" not in output
+    loaded = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert [entry["loader"] for entry in loaded] == ["AutoTokenizer", "PreTrainedTokenizerFast",
+                                                     "jrt-generate"]
+    for entry in loaded:
+        assert entry["ids"] == training.encode(SENTENCE)
+        assert entry["text"] == training.decode(training.encode(SENTENCE))
+        assert (entry["eos"], entry["pad"], entry["mask"]) == (training.eod_id,
+                                                               training.pad_id,
+                                                               training.mask_id)
     config = json.loads((out / "config.json").read_text())
     assert (config["eos_token_id"], config["pad_token_id"]) == (training.eod_id, training.pad_id)
+
+
+@pytest.mark.parametrize("problem", ["not BPE", "encodes differently"])
+def test_to_hf_refuses_a_tokenizer_it_cannot_reproduce(problem, tokenizer_specs, tmp_path,
+                                                      monkeypatch, capsys):
+    from sentencepiece import sentencepiece_model_pb2
+
+    from checkpoints_tools import spm_backend
+    from checkpoints_tools.convert import from_hf, main
+
+    spec = tokenizer_specs["sentencepiece"]
+    if problem == "not BPE":  # the same pieces read as a unigram model
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(spec).read_bytes())
+        proto.trainer_spec.model_type = 1
+        spec = str(tmp_path / "unigram.model")
+        Path(spec).write_bytes(proto.SerializeToString())
+    else:  # a converter that forgets the dummy prefix
+        build = spm_backend.sentencepiece_bpe_backend
+
+        def no_prefix(proto, path):
+            proto.normalizer_spec.add_dummy_prefix = False
+            return build(proto, path)
+
+        monkeypatch.setattr(spm_backend, "sentencepiece_bpe_backend", no_prefix)
+    checkpoint = from_hf(_write_random_hf_dir(tmp_path / "random", 1000), tmp_path / "save_dir")
+    capsys.readouterr()
+    assert main(["to-hf", str(checkpoint), str(tmp_path / "hf"), "--tokenizer", spec]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"jrt-convert: error: {spec}:") and "\n" not in error
+    assert {"not BPE": "not BPE; train the tokenizer with `jrt-prep tokenizer`",
+            "encodes differently": "differently from the training tokenizer"}[problem] in error
+    assert not (tmp_path / "hf").exists()  # refused before anything is written
 
 
 # ---------------------------------------------------------------- from-authors (section 7)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.hf_tiny import PREFIX, greedy, left_pad, random_prompts, tiny_model
+from tests.hf_tiny import (PREFIX, PROMPTS, greedy, left_pad, random_prompts, returned_cache,
+                            run_cli, tiny_model)
 
 pytest.importorskip("transformers")
 
@@ -90,7 +91,7 @@ def test_continuing_from_a_returned_cache_equals_one_long_generation(cache_argum
     whole = greedy(model, ids, 16, attention_mask=mask).sequences
     first = greedy(model, ids, 8, attention_mask=mask)
     fed, hook = count_fed_tokens(model)
-    second = greedy(model, first.sequences, 8, **{cache_argument: first.cache},
+    second = greedy(model, first.sequences, 8, **{cache_argument: returned_cache(first)},
                     attention_mask=torch.cat([mask, torch.ones(2, 8, dtype=torch.long)], dim=1))
     hook.remove()
     assert fed == [1] * 8  # only the token the first call generated but did not read
@@ -128,19 +129,6 @@ def model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(root / "hf")
     shutil.copy(tokenizer_file, root / "hf" / "tokenizer.model")
     return root / "hf"
-
-
-PROMPTS = ["The history of the city", "A", "In the year of the great flood, the river rose"]
-
-
-def run_cli(model_dir: Path, tmp_path: Path, *options: str) -> list[dict]:
-    from megatron_jrt.generate_cli import main
-
-    prompts, out = tmp_path / "prompts.txt", tmp_path / "out.jsonl"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    assert main([str(model_dir), "--file", str(prompts), "--max-new-tokens", "8",
-                 "--batch-size", "2", "--out", str(out), *options]) == 0
-    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def test_cli_greedy_completions_equal_generate_of_each_prompt_alone(model_dir, tmp_path, capsys):

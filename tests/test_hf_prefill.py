@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.hf_tiny import PREFIX, VOCAB, WINDOW, greedy, left_pad, random_prompts
+from tests.hf_tiny import (PREFIX, VOCAB, WINDOW, greedy, left_pad, random_prompts,
+                            returned_cache)
 from tests.hf_tiny import tiny_model as _tiny_model
 
 pytest.importorskip("transformers")
@@ -52,7 +53,7 @@ def test_unpadded_chunked_prefill_equals_one_pass(chunk, pattern):
     mine, theirs = prefill(chunked, ids), prefill(one_pass, ids)
     assert mine.logits.shape == (2, 1, VOCAB)
     assert (mine.logits - theirs.logits).abs().max() <= 1e-4
-    assert_same_cache(mine.cache, theirs.cache)
+    assert_same_cache(returned_cache(mine), returned_cache(theirs))
     assert_same_generation(greedy(chunked, ids, 10), greedy(one_pass, ids, 10))
 
 
@@ -62,7 +63,7 @@ def test_left_padded_chunked_prefill_equals_one_pass(chunk):
     ids, mask = left_pad(random_prompts(71, 40, 20, 17))  # encoder regions end at 16 ... 70
     mine, theirs = prefill(chunked, ids, mask), prefill(one_pass, ids, mask)
     assert (mine.logits - theirs.logits).abs().max() <= 1e-4
-    assert_same_cache(mine.cache, theirs.cache)
+    assert_same_cache(returned_cache(mine), returned_cache(theirs))
     # generate: a 9-token row is read-twice padded (25 columns) inside the 71-wide prompt
     ids, mask = left_pad(random_prompts(71, 40, 9))
     assert_same_generation(greedy(chunked, ids, 10, attention_mask=mask),
@@ -87,7 +88,7 @@ def test_a_long_continuation_of_a_cache_is_chunked_and_exact():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         first = prefill(model, ids[:, :30], logits_to_keep=0)
-        second = model(ids[:, 30:], cache=first.cache, use_cache=True)
+        second = model(ids[:, 30:], cache=returned_cache(first), use_cache=True)
     assert (torch.cat([first.logits, second.logits], dim=1) - full).abs().max() <= 1e-4
 
 

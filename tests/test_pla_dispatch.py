@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kernels.pla as pla
+from kernels.optional import OptionalKernels
 from kernels.pla import encoder_state, pla_decode_step, pla_prefill, prefix_linear_attention
 
 
@@ -41,9 +42,9 @@ def _fallback_warnings(calls) -> list[str]:
 def kernels_state(monkeypatch):
     """Set the dispatcher's Triton module and import error; nothing warned yet."""
     def set_state(module, error):
-        monkeypatch.setattr(pla, "_triton", module)
-        monkeypatch.setattr(pla, "_triton_error", error)
-        monkeypatch.setattr(pla, "_warned", set(), raising=False)
+        kernels = OptionalKernels("kernels.pla.triton_pla", "PLA", "about 1.3x slower training")
+        kernels._module, kernels.error = module, error
+        monkeypatch.setattr(pla, "_KERNELS", kernels)
     return set_state
 
 
@@ -100,6 +101,6 @@ def test_on_a_gpu_the_supported_shapes_take_triton_without_a_warning():
     q, k = (torch.randn(2, 4, 256, 16, device=device, generator=g, dtype=torch.bfloat16)
             for _ in range(2))
     v = torch.randn(2, 4, 256, 64, device=device, generator=g, dtype=torch.bfloat16)
-    assert pla.triton_available(), pla._triton_error
+    assert pla.triton_available(), pla._KERNELS.error
     assert _fallback_warnings([lambda: prefix_linear_attention(q, k, v, k[:, :, :64],
                                                                v[:, :, :64])]) == []

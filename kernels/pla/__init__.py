@@ -13,12 +13,12 @@ left-padding keys from the encoder state and causal sums.
 """
 from __future__ import annotations
 
-import warnings
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from kernels.optional import OptionalKernels
 from kernels.pla import reference
 from kernels.pla.reference import PLAState, encoder_state, feature_dim, taylor_feature_map
 
@@ -33,46 +33,20 @@ __all__ = [
     "triton_available",
 ]
 
-_triton = None
-_triton_error: Exception | None = None
-
-
-def _load_triton():
-    global _triton, _triton_error
-    if _triton is None and _triton_error is None:
-        try:
-            from kernels.pla import triton_pla as mod
-            _triton = mod
-        except Exception as e:  # no triton, or no GPU backend
-            _triton_error = e
-    return _triton
+_KERNELS = OptionalKernels("kernels.pla.triton_pla", "PLA", "about 1.3x slower training")
 
 
 def triton_available() -> bool:
-    return _load_triton() is not None
-
-
-_warned: set[str] = set()  # the kinds of fallback already warned about in this process
-
-
-def _warn_fallback_once(kind: str, reason: str) -> None:
-    if kind not in _warned:
-        _warned.add(kind)
-        warnings.warn(f"PLA: {reason}; using the PyTorch reference, about 1.3x slower training",
-                      RuntimeWarning, stacklevel=3)
+    return _KERNELS.available()
 
 
 def _cuda_triton() -> ModuleType | None:
     """The Triton module for a CUDA call; None after warning once that it failed to import."""
-    mod = _load_triton()
-    if mod is None:
-        _warn_fallback_once("import", "Triton kernels unavailable on CUDA "
-                            f"({type(_triton_error).__name__}: {_triton_error})")
-    return mod
+    return _KERNELS.load_for_cuda()
 
 
 def _warn_unsupported(call: str) -> None:
-    _warn_fallback_once("shape", f"the Triton kernels do not support {call}")
+    _KERNELS.warn_fallback_once("shape", f"the Triton kernels do not support {call}")
 
 
 def _triton_for(q: Tensor, v: Tensor, key_mask: Tensor | None) -> ModuleType | None:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
+import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,12 @@ import torch
 from megatron_jrt.checkpoint import store
 from megatron_jrt.checkpoint.store import METADATA, RANK_STATE_DIR, CheckpointError
 from megatron_jrt.distributed import agree, on_rank0
-from megatron_jrt.fsutil import sha256_file
+from megatron_jrt.fsutil import atomic_write_bytes, sha256_file
 from megatron_jrt.megatron_workarounds import init_torch_adam_state, load_optimizer_state
 from megatron_jrt.platform import distributed_optimizer_checkpoint_metadata
 
 OPTIMIZER_SHARDING = "fully_reshardable"  # model-space tensors: reshard across TP, PP, DP
+_HASHES = ".sha256"  # the writers' hashes, inside a checkpoint's tmp folder until publication
 
 
 @dataclass
@@ -168,27 +170,26 @@ def resolve_resume(resume: str, save_dir: str, key: str = "checkpoint.resume"
 
 # ----------------------------------------------------------------------------------- save
 
-def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler, *,
-                    config_dict: dict, data_state: dict | None, consumed_samples: int,
-                    consumed_tokens: int, keep_last: int = 0, keep_every: int = 0,
-                    fully_parallel: bool = True) -> Path:
-    """Save a checkpoint of `step` into `save_dir/step_XXXXXXX` (collective: call on all ranks).
+@dataclass
+class SaveInProgress:
+    """A checkpoint whose state is captured and whose tensor files are still to be written.
 
-    `data_state` is this rank's reader state at the step boundary. Returns the published path.
-    Before writing, the free space is checked against the previous checkpoint's size. With
-    `keep_last` > 0, older checkpoints are then deleted except the last `keep_last` and every
-    step divisible by `keep_every` (> 0).
+    `request` is megatron's AsyncRequest: its async part writes this rank's tensor files
+    (and hashes them, so that the publication does not read gigabytes back on the training
+    thread); its finalize functions, collective and run after every rank's part finished,
+    write dist_checkpointing's metadata and then publish. Run it with `request.execute_sync()`
+    or an `AsyncCallsQueue` (``megatron_jrt.checkpoint.saver``).
     """
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelSaveStrategyWrapper,
-    )
 
-    save_dir = Path(save_dir)
-    final, tmp = save_dir / store.step_dir_name(step), store.tmp_dir(save_dir, step)
-    rank, started = torch.distributed.get_rank(), time.perf_counter()
+    step: int
+    path: Path  # the published name, save_dir/step_XXXXXXX
+    request: Any = None
+    size: int = 0  # bytes of the checkpoint, known on rank 0 once published
 
+
+def prepare_save_dir(save_dir: Path, tmp: Path) -> None:
+    """Before a save writes into `tmp` (collective; rank 0 acts): leftovers of killed saves
+    removed, the free space checked against the previous checkpoint's size, `tmp` created."""
     def prepare() -> None:
         try:
             save_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +201,33 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
 
     on_rank0(prepare)
 
+
+def start_save(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler, *,
+               config_dict: dict, data_state: dict | None, consumed_samples: int,
+               consumed_tokens: int, keep_last: int = 0, keep_every: int = 0,
+               fully_parallel: bool = True) -> SaveInProgress:
+    """Capture the state of `step` into `save_dir/.tmp_step_XXXXXXX` (collective).
+
+    Written now: the scheduler, step and counters (common.pt) and this rank's RNG states
+    and reader state `data_state` (rank_state/); the model and optimizer tensors are
+    referenced by the returned request, which writes them. Before anything is written, the
+    free space is checked against the previous checkpoint's size and leftovers of killed
+    saves are removed (so call it only when no other save of this run is in progress). The
+    publication appended to the request writes checkpoint.json, renames, points `latest`
+    at it, and with `keep_last` > 0 deletes older checkpoints except the last `keep_last`
+    and every step divisible by `keep_every` (> 0).
+    """
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    save_dir = Path(save_dir)
+    saving = SaveInProgress(step, save_dir / store.step_dir_name(step))
+    tmp = store.tmp_dir(save_dir, step)
+    prepare_save_dir(save_dir, tmp)
+
     state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["step"], state["consumed_samples"] = step, consumed_samples
@@ -207,34 +235,83 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     if fully_parallel:
         strategy = FullyParallelSaveStrategyWrapper(
             strategy, parallel_state.get_data_parallel_group(with_context_parallel=True), True)
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy)
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy,
+                                      async_sharded_save=True)
+    _write_rank_state(tmp, data_state)  # after save(): it expects an empty folder
 
+    fields = {"format_version": store.FORMAT_VERSION, "step": step,
+              "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
+              "layout": current_layout(),
+              "optimizer_sharding": OPTIMIZER_SHARDING if optimizer is not None else None,
+              "config": config_dict}
+    if request.async_fn is not None:  # None: this rank writes no tensor file
+        request = request._replace(async_fn=partial(_write_then_hash, request.async_fn, tmp))
+    request.add_finalize_fn(partial(_publish, saving, tmp, fields, keep_last, keep_every))
+    saving.request = request
+    return saving
+
+
+def _write_rank_state(tmp: Path, data_state: dict | None) -> None:
     (tmp / RANK_STATE_DIR).mkdir(exist_ok=True)
-    rank_file = tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt"
-    with open(rank_file, "wb") as handle:
+    rank = torch.distributed.get_rank()
+    with open(tmp / RANK_STATE_DIR / f"rank_{rank:05d}.pt", "wb") as handle:
         torch.save({**_rank_coords(), "rng": _rng_state(), "data_state": data_state}, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    torch.distributed.barrier()
 
-    names = store.list_files(tmp) if rank == 0 else None
-    box = [names]
+
+def _write_then_hash(write, tmp: Path, rank: int, buckets: list, results_queue) -> None:
+    """megatron's write of this rank's tensor files, then their sha256 into tmp/.sha256/.
+
+    Runs where the write runs (in the background writer with async_save), so the hashes
+    the publication needs of the large files are ready when it starts. A file it cannot
+    hash is left to the publication.
+    """
+    write(rank, buckets, results_queue)
+    try:
+        hashes = {Path(path).name: sha256_file(Path(path)) for path, _, _ in buckets}
+        (tmp / _HASHES).mkdir(exist_ok=True)
+        atomic_write_bytes(tmp / _HASHES / f"rank_{rank:05d}.json", json.dumps(hashes).encode())
+    except OSError:
+        pass
+
+
+def _collect_hashes(tmp: Path) -> dict[str, str]:
+    """The hashes the background writers computed (removing them); {} where none are left."""
+    folder = tmp / _HASHES
+    hashes: dict[str, str] = {}
+    for file in sorted(folder.glob("rank_*.json")):
+        hashes.update(json.loads(file.read_text()))
+    shutil.rmtree(folder, ignore_errors=True)
+    return hashes
+
+
+def _publish(saving: SaveInProgress, tmp: Path, fields: dict, keep_last: int,
+             keep_every: int) -> None:
+    """Hash what the writers did not, write checkpoint.json, rename, `latest`, retention.
+
+    Collective, once every rank's files are written; rank 0 publishes, its error is
+    raised on every rank.
+    """
+    listing = None
+    if torch.distributed.get_rank() == 0:
+        known = _collect_hashes(tmp)
+        names = store.list_files(tmp)
+        listing = (names, {n: known[n] for n in names if n in known})
+    box = [listing]
     torch.distributed.broadcast_object_list(box, src=0)
-    hashes = _distributed_hashes(tmp, box[0])
-    if rank == 0:
-        body = {"format_version": store.FORMAT_VERSION, "step": step,
-                "sequence": store.next_sequence(save_dir),
-                "consumed_samples": consumed_samples, "consumed_tokens": consumed_tokens,
-                "layout": current_layout(),
-                "optimizer_sharding": OPTIMIZER_SHARDING if optimizer is not None else None,
-                "config": config_dict, "saved_at": store.saved_at(),
+    names, known = box[0]
+    hashes = {**known, **_distributed_hashes(tmp, [n for n in names if n not in known])}
+
+    def publish() -> None:
+        save_dir = saving.path.parent
+        body = {**fields, "sequence": store.next_sequence(save_dir), "saved_at": store.saved_at(),
                 "files": {n: {"size": (tmp / n).stat().st_size, "sha256": hashes[n]}
-                          for n in box[0]}}
-        store.publish(tmp, final, body, keep_last=keep_last, keep_every=keep_every)
-        print(f"saved checkpoint {final} ({store.checkpoint_size(body) / 1e6:.1f} MB, "
-              f"{time.perf_counter() - started:.1f} s)", flush=True)
-    torch.distributed.barrier()
-    return final
+                          for n in names}}
+        store.publish(tmp, saving.path, body, keep_last=keep_last, keep_every=keep_every)
+        saving.size = store.checkpoint_size(body)
+
+    on_rank0(publish)
 
 
 # ----------------------------------------------------------------------------------- load
@@ -250,6 +327,15 @@ def check_model_config(path: Path, saved: dict, expected: dict, ignore: tuple[st
         raise CheckpointError(f"{path}: incompatible model config (" + "; ".join(diff) + ")")
 
 
+def check_engine(path: Path, body: dict, engine: str) -> None:
+    """CheckpointError unless checkpoint `path` was written by `engine` (each engine's files
+    are its own; checkpoints from before the engine seam are megatron's)."""
+    saved = body.get("engine", "megatron")
+    if saved != engine:
+        raise CheckpointError(f"{path}: a checkpoint of the {saved} engine, this run has "
+                              f"training.engine={engine}; resume it with training.engine={saved}")
+
+
 def load_model_weights(path: str | Path, model_chunks, *, expected_model_config: dict,
                        verify: bool = True) -> dict:
     """Only the model tensors of checkpoint `path`, resharded to this layout.
@@ -263,6 +349,7 @@ def load_model_weights(path: str | Path, model_chunks, *, expected_model_config:
 
     path = Path(path)
     body = _verify_all_ranks(path) if verify else store.read_metadata(path)
+    check_engine(path, body, "megatron")
     # the initialisation scale does not matter to weights that replace the initialisation
     check_model_config(path, body["config"].get("model", {}), expected_model_config,
                        ignore=("init_std",))
@@ -298,6 +385,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *,
 
     path = Path(path)
     body = _verify_all_ranks(path) if verify else store.read_metadata(path)
+    check_engine(path, body, "megatron")
     if expected_model_config is not None:
         check_model_config(path, body["config"].get("model", {}), expected_model_config)
     layout = current_layout()

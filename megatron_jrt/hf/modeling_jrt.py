@@ -1,10 +1,11 @@
 """JRT-RNN as a Hugging Face causal LM, in plain torch (JRT_SPEC.md sections 2, 3 and 5).
 
 This file is copied next to converted weights and loaded with `trust_remote_code=True`, so it
-imports only torch, transformers and its own config. It computes what megatron_jrt's model
-computes (tests/test_hf.py holds the two to 1e-4): pre-norm blocks of a mixer (prefix linear
-attention, sliding-window attention or BaseConv) and a SwiGLU MLP, a final RMSNorm and a tied
-LM head. Generation keeps a recurrent cache (`JRTCache`): O(1) memory per token.
+imports only torch, transformers and its own files (pla_kernels.py imports the project's kernels
+lazily, where present). It computes what megatron_jrt's model computes (tests/test_hf.py holds
+the two to 1e-4): pre-norm blocks of a mixer (prefix linear attention, sliding-window attention
+or BaseConv) and a SwiGLU MLP, a final RMSNorm and a tied LM head. Generation keeps a
+recurrent cache (`JRTCache`): O(1) memory per token.
 
 Padding (`attention_mask` zeros, normally on the left) makes tokens invisible: PLA drops masked
 keys from its encoder and causal sums, sliding-window attention masks them, BaseConv zeroes
@@ -14,6 +15,10 @@ The encoder region of a row is its first `prefix_length` REAL tokens.
 A cached read of many tokens (generate's prefill) goes through the blocks in chunks of at most
 `config.prefill_chunk_tokens` columns, each chunk continuing the cache the one before left, so the
 activations are those of one chunk, not of the whole prompt (JRTModel.forward).
+
+On CUDA, PLA over a read that starts the sequences runs in this project's Triton kernels when
+they import (pla_kernels.py, copied beside this file); otherwise, and everywhere else, in the
+plain torch below, saying once on CUDA why.
 """
 from __future__ import annotations
 
@@ -23,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_jrt import JRTConfig
+from .pla_kernels import kernel_read
 
 PLA_EPS = 1e-12
 PLA_CHUNK = 64
@@ -131,25 +138,36 @@ class PrefixLinearAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, -1).transpose(1, 2)
 
+    def encoder_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's keys [b, h, m, f] and values [b, h, m, dv] of x [b, m, d]."""
+        return self._heads(self.k_enc_proj(x)), self._heads(self.v_enc_proj(x))
+
     def encoder_state(self, x: Tensor, key_mask: Tensor, dtype: torch.dtype
                       ) -> tuple[Tensor, Tensor]:
         """(S_e, z_e): the sums of phi(k_enc) v_enc^T and phi(k_enc) over the encoder region."""
         in_encoder = encoder_mask(key_mask, self.prefix_length)
         span = int(in_encoder.any(dim=0).nonzero().max()) + 1 if in_encoder.any() else 0
-        prefix = x[:, :span]  # the columns holding every row's encoder tokens
-        k_enc = self._heads(self.k_enc_proj(prefix)).to(dtype)
-        v_enc = self._heads(self.v_enc_proj(prefix)).to(dtype)
+        k_enc, v_enc = (t.to(dtype) for t in self.encoder_kv(x[:, :span]))  # every row's region
         phi = taylor_features(k_enc) * in_encoder[:, None, :span, None].to(dtype)
         return phi.transpose(-1, -2) @ v_enc, phi.sum(-2)
 
     def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None, positions: Tensor,
                 key_mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """On CUDA the project's Triton kernels read from the sequences' start when they can
+        (pla_kernels.kernel_read); this plain-torch form is the truth they are tested against."""
         q, k, v = (self._heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        if state is None:  # the sequence starts here: sum the encoder region into the state
-            state = self.encoder_state(x, key_mask, state_dtype(x))
-        y, S, z = causal_taylor_attention(q, k, v, key_mask, *state)
+        read = kernel_read(q, k, v, key_mask, x=x, encoder_kv=self.encoder_kv,
+                           prefix_length=self.prefix_length, eps=PLA_EPS,
+                           continuing=state is not None)
+        if read is not None:
+            y, state = read
+        else:
+            if state is None:  # the sequence starts here: sum the encoder region into the state
+                state = self.encoder_state(x, key_mask, state_dtype(x))
+            y, S, z = causal_taylor_attention(q, k, v, key_mask, *state)
+            state = (S, z)
         b, _, n, _ = y.shape
-        return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(b, n, -1)), (S, z)
+        return self.o_proj(y.to(x.dtype).transpose(1, 2).reshape(b, n, -1)), state
 
 
 # ------------------------------------------------------------------ sliding-window attention
@@ -319,15 +337,17 @@ class JRTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """transformers' init functions, not the tensors' own: they skip tensors that
+        from_pretrained has loaded (transformers 5.0 calls this after loading them)."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, 0.0, std)
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, nn.RMSNorm):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
         elif isinstance(module, BaseConv):
-            module.conv_weight.normal_(0.0, std)
+            init.normal_(module.conv_weight, 0.0, std)
 
 
 class JRTModel(JRTPreTrainedModel):

@@ -4,8 +4,9 @@ Every mixer runs in parallel for training (`forward`, megatron's signature) and 
 for decoding (JRT_SPEC.md section 5): `prefill` reads a prompt and returns the state after
 its last token, `step` reads one more token per sequence. The state is a small dataclass of
 tensors that the mixer alone builds and reads (PLA: kernels.pla's fp32 PLAState; SWA: the
-rotated keys/values of the last `window` tokens; BaseConv: the last k-1 conv inputs), so the
-decoder (megatron_jrt.inference) runs every layer the same way and knows no mixer's insides.
+rotated keys/values of the last `window` tokens; full attention: those of every token so far;
+BaseConv: the last k-1 conv inputs), so the decoder (megatron_jrt.inference) runs every layer
+the same way and knows no mixer's insides.
 """
 from __future__ import annotations
 

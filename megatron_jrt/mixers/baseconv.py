@@ -3,13 +3,14 @@
 Channels are split across TP ranks. Like megatron's gated MLP, each rank's slice of in_proj
 holds its own [u1, u2] halves; the checkpoint stores the global [u1, u2] layout through
 megatron's swiglu sharded-tensor factory, so checkpoints reshard across TP sizes.
+The gate silu(conv(u1)) * u2 is kernels.baseconv.gated_causal_conv: one fused Triton kernel on
+CUDA that reads in_proj's [s, b, 2c] output in place (no chunk, permute or cat copies).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -19,6 +20,7 @@ from megatron.core.parallel_state import get_tensor_model_parallel_rank
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from torch import Tensor, nn
 
+from kernels.baseconv import conv_tail, gated_causal_conv
 from megatron_jrt.mixers import MixerOutput
 
 
@@ -78,26 +80,18 @@ class BaseConv(MegatronModule):
         with torch.no_grad():
             self.conv_weight.copy_(local)
 
-    def _gate(self, hidden_states: Tensor, tail: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _gate(self, hidden_states: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """silu(conv(u1)) * u2 for [s, b, d] inputs after `tail` ([b, channels, k-1] earlier
-        u1 values; zeros at the start) -> (gated [s, b, channels], the new tail)."""
-        u, _ = self.in_proj(hidden_states)  # [s, b, 2 * local_width]
-        u1, u2 = u.chunk(2, dim=-1)
-        seq_len = u1.shape[0]
-        x = u1.permute(1, 2, 0)  # [b, channels, s]: a depthwise causal conv over s
-        if tail is None:
-            tail = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size - 1)
-        x = torch.cat([tail.to(x.dtype), x], dim=-1)
-        conv = F.conv1d(x, self.conv_weight, groups=self.local_width)
-        gated = F.silu(conv).permute(2, 0, 1)[:seq_len] * u2
-        return gated, x[:, :, x.shape[-1] - (self.kernel_size - 1):]
+        u1 values; zeros at the start) -> (gated [s, b, channels], in_proj's output u)."""
+        u, _ = self.in_proj(hidden_states)  # [s, b, 2 * local_width]: per rank [u1, u2]
+        return gated_causal_conv(u, self.conv_weight, tail), u
 
     def forward(self, hidden_states: Tensor, attention_mask=None, inference_context=None,
                 **kwargs) -> tuple[Tensor, Tensor | None]:
         if inference_context is not None:
             raise NotImplementedError("megatron inference contexts are not supported; "
                                       "use megatron_jrt.inference")
-        gated, _ = self._gate(hidden_states, tail=None)
+        gated, _ = self._gate(hidden_states)
         return self.out_proj(gated)
 
     # The recurrent interface (megatron_jrt.mixers.RecurrentMixer); the state is BaseConvState.
@@ -105,14 +99,14 @@ class BaseConv(MegatronModule):
     def prefill(self, hidden_states: Tensor, *, rotary_pos_emb: Tensor | None = None
                 ) -> tuple[MixerOutput, BaseConvState]:
         """The forward over a prompt, and its last k-1 conv inputs. Rotary is ignored."""
-        gated, tail = self._gate(hidden_states, tail=None)
-        return self.out_proj(gated), BaseConvState(tail)
+        gated, u = self._gate(hidden_states)
+        return self.out_proj(gated), BaseConvState(conv_tail(u, self.kernel_size))
 
     def step(self, hidden_states: Tensor, state: BaseConvState, *,
              rotary_pos_emb: Tensor | None = None) -> tuple[MixerOutput, BaseConvState]:
         """One token per sequence ([1, b, d]) after the conv inputs in `state`."""
-        gated, tail = self._gate(hidden_states, state.tail)
-        return self.out_proj(gated), BaseConvState(tail)
+        gated, u = self._gate(hidden_states, state.tail)
+        return self.out_proj(gated), BaseConvState(conv_tail(u, self.kernel_size, state.tail))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None):

@@ -4,6 +4,10 @@ Per head: q, k (f dims) and v (dv dims) for every token; k_enc, v_enc for the fi
 only, summed into the encoder state that the causal Taylor linear attention starts from
 (JRT_SPEC.md section 2). Projections are column-parallel and grouped by head, so a TP rank
 holds whole heads and checkpoints reshard with the standard column/row rules.
+
+With prefix length 0 (the Based baseline) there is no encoder: no k_enc/v_enc projection is
+built and the state starts at zero, which makes PLA causal Taylor linear attention. The kernels
+take an empty encoder region as that zero state, so both cases run the same dispatcher.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from megatron_jrt.mixers import MixerOutput
 @dataclass
 class PrefixLinearAttentionSubmodules:
     linear_qkv: ModuleSpec | type  # d -> H * (f + f + dv), per head [q, k, v]
-    linear_kv_enc: ModuleSpec | type  # d -> H * (f + dv), per head [k_enc, v_enc]
+    # d -> H * (f + dv), per head [k_enc, v_enc]; not built when the prefix length is 0
+    linear_kv_enc: ModuleSpec | type
     linear_proj: ModuleSpec | type  # H * dv -> d
 
 
@@ -45,8 +50,9 @@ class PrefixLinearAttention(MegatronModule):
                       tp_group=tp_group)
         self.linear_qkv = build_module(submodules.linear_qkv, config.hidden_size,
                                        heads * (2 * feature_dim + self.head_dim), **column)
-        self.linear_kv_enc = build_module(submodules.linear_kv_enc, config.hidden_size,
-                                          heads * (feature_dim + self.head_dim), **column)
+        self.linear_kv_enc = None if prefix_length == 0 else build_module(
+            submodules.linear_kv_enc, config.hidden_size, heads * (feature_dim + self.head_dim),
+            **column)
         self.linear_proj = build_module(
             submodules.linear_proj, heads * self.head_dim, config.hidden_size, config=config,
             init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
@@ -59,12 +65,16 @@ class PrefixLinearAttention(MegatronModule):
         return [t.permute(1, 2, 0, 3) for t in per_head.split(sizes, dim=-1)]
 
     def _project(self, hidden_states: Tensor) -> list[Tensor]:
-        """q, k, v for every token and k_enc, v_enc for the prefix, each [b, heads, s, dim]."""
+        """q, k, v for every token and k_enc, v_enc for the prefix, each [b, heads, s, dim]
+        (k_enc, v_enc are empty without an encoder)."""
         f, dv = self.feature_dim, self.head_dim
         qkv, _ = self.linear_qkv(hidden_states)
+        q, k, v = self._heads(qkv, [f, f, dv])
+        if self.linear_kv_enc is None:
+            return [q, k, v, k[:, :, :0], v[:, :, :0]]
         prefix = min(self.prefix_length, hidden_states.shape[0])
         kv_enc, _ = self.linear_kv_enc(hidden_states[:prefix])
-        return self._heads(qkv, [f, f, dv]) + self._heads(kv_enc, [f, dv])
+        return [q, k, v] + self._heads(kv_enc, [f, dv])
 
     def _output(self, y: Tensor) -> MixerOutput:
         """[b, heads, s, dv] -> the output projection's (output, bias)."""

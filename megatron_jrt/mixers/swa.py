@@ -1,27 +1,109 @@
-"""Sliding-window softmax attention as the core attention of megatron-core's SelfAttention.
+"""Sliding-window softmax attention (layer letter S) as the core attention of megatron-core's
+SelfAttention: each query sees itself and the `window` keys before it. (mixers/attention.py
+holds the SelfAttention and its recurrent form, shared with full attention.)
 
-SelfAttention keeps doing what it does well (packed qkv, rotary, TP sharding, checkpoint
-layout); only the core changes: each query sees itself and the `window` keys before it.
-Queries are processed in blocks of `window`; a block needs its own keys and the previous
-block's, so memory and time are O(N * window), never O(N^2).
+Two exact paths, O(N * window) memory and time, never O(N^2):
+  * CUDA, bf16/fp16: FlashAttention-2 with a (window, 0) local window through PyTorch's public
+    `torch.nn.attention.varlen.varlen_attn`. Batch and heads are folded into the head axis of
+    one sequence, so megatron's [s, b, heads, d] q, k, v and the [s, b, heads * d] output are
+    passed as views: no pad, unfold, mask or copy.
+  * elsewhere (CPU, fp32, a head size Flash does not take): `blocked_sliding_window_attention`,
+    queries in blocks of `window` against their own block and the previous one through SDPA
+    with a band mask. A CUDA call that falls back says so once, with the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
-from megatron.core.transformer.attention import SelfAttention
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from megatron_jrt.mixers import MixerOutput
+from megatron_jrt.mixers.attention import CoreAttention
 
 
 def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
     """Causal attention over the last `window` keys plus self. q, k, v: [b, h, n, d] -> [b, h, n, d]."""
+    if q.is_cuda:
+        reason = _flash_unsupported(q, k, v)
+        if reason is None:
+            try:
+                return _flash_sliding_window(q, k, v, window)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # e.g. a Flash build without local attention
+                _flash_disabled.append(f"FlashAttention failed ({type(e).__name__}: {e})")
+                reason = _flash_disabled[0]
+        _warn_fallback_once(reason)
+    return blocked_sliding_window_attention(q, k, v, window)
+
+
+# ---- CUDA: FlashAttention-2 with a local window ---------------------------------------------
+
+_FLASH_DTYPES = (torch.bfloat16, torch.float16)
+_flash_disabled: list[str] = []  # why Flash failed once in this process (then never retried)
+_warned: set[str] = set()
+
+
+@functools.cache
+def _varlen_attn():
+    """torch.nn.attention.varlen.varlen_attn if it takes a window (2.11 does), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn if "window_size" in inspect.signature(varlen_attn).parameters else None
+
+
+def _flash_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the Flash path cannot run this call, or None."""
+    if _flash_disabled:
+        return _flash_disabled[0]
+    if _varlen_attn() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen with window_size"
+    if q.dtype not in _FLASH_DTYPES:
+        return f"FlashAttention takes bf16/fp16, not {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > 256:
+        return f"FlashAttention takes head sizes that are multiples of 8 up to 256, not {d}"
+    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
+        return f"q, k, v differ in shape or dtype ({list(q.shape)}, {list(k.shape)}, {list(v.shape)})"
+    return None
+
+
+def _warn_fallback_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"sliding-window attention: {reason}; using the blocked SDPA path "
+                      "(pads, unfolds and masks: slower)", RuntimeWarning, stacklevel=3)
+
+
+@functools.lru_cache(maxsize=64)
+def _cu_seqlens(n: int, device: torch.device) -> Tensor:
+    return torch.tensor([0, n], dtype=torch.int32, device=device)
+
+
+def _flash_sliding_window(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """Flash's local attention: query i sees keys i - window .. i. Batch and heads become the
+    heads of one sequence of n tokens: [b, h, n, d] permuted from megatron's [n, b, h, d] is
+    [n, b * h, d] without a copy (Flash needs only unit stride over d)."""
+    b, h, n, d = q.shape
+
+    def fold(t: Tensor) -> Tensor:
+        return t.permute(2, 0, 1, 3).reshape(n, b * h, d)
+
+    cu = _cu_seqlens(n, q.device)
+    out = _varlen_attn()(fold(q), fold(k), fold(v), cu, cu, n, n, window_size=(window, 0))
+    return out.view(n, b, h, d).permute(1, 2, 0, 3)
+
+
+# ---- everywhere: blocks of queries against two blocks of keys -------------------------------
+
+def blocked_sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Tensor:
+    """sliding_window_attention through SDPA on blocks of `window` queries (any device/dtype)."""
     b, h, n, d = q.shape
     blocks = -(-n // window)
     padded = blocks * window
@@ -45,64 +127,14 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
     return out.reshape(b, h, padded, d)[:, :, :n]
 
 
-class SlidingWindowCoreAttention(MegatronModule):
-    """Drop-in `core_attention` for SelfAttention: [s, b, heads, d] inputs -> [s, b, heads*d]."""
+class SlidingWindowCoreAttention(CoreAttention):
+    """Core attention for SelfAttention (mixers/attention.py): each query sees itself and the
+    `window` keys before it; a decode step needs only those `window` keys."""
 
     def __init__(self, config: TransformerConfig, layer_number: int, window: int,
                  softmax_scale: float | None = None, **_unused):
-        super().__init__(config)
-        if softmax_scale is not None and abs(softmax_scale - config.kv_channels ** -0.5) > 1e-12:
-            raise ValueError("sliding-window attention uses the standard 1/sqrt(head_dim) scale")
-        self.layer_number = layer_number
-        self.window = window
+        super().__init__(config, layer_number, softmax_scale)
+        self.window = self.cache_length = window
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, *,
-                attn_mask_type=None, attention_bias=None, packed_seq_params=None) -> Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("packed sequences and attention bias are not supported")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        out = sliding_window_attention(q, k, v, self.window)
-        s, b = query.shape[:2]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
-
-
-@dataclass
-class SlidingWindowState:
-    """The rotated keys and values of the last `window` tokens, [b, heads, <= window, d]."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-
-
-class SlidingWindowSelfAttention(SelfAttention):
-    """megatron's SelfAttention (training path unchanged) plus its recurrent form."""
-
-    def _rotated_qkv(self, hidden_states: Tensor, rotary_freqs: Tensor) -> list[Tensor]:
-        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
-        query = apply_rotary_pos_emb(query, rotary_freqs, config=self.config)
-        key = apply_rotary_pos_emb(key, rotary_freqs, config=self.config)
-        return [t.permute(1, 2, 0, 3) for t in (query, key, value)]  # [b, h, s, d]
-
-    def _output(self, out: Tensor) -> MixerOutput:
-        b, h, s, d = out.shape
-        return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, h * d))
-
-    # The recurrent interface (megatron_jrt.mixers.RecurrentMixer); the state is
-    # SlidingWindowState.
-
-    def prefill(self, hidden_states: Tensor, *, rotary_pos_emb: Tensor
-                ) -> tuple[MixerOutput, SlidingWindowState]:
-        """The forward over a prompt ([s, b, d], rotary for positions 0..s-1) and its cache."""
-        q, k, v = self._rotated_qkv(hidden_states, rotary_pos_emb)
-        window = self.core_attention.window
-        out = sliding_window_attention(q, k, v, window)
-        return self._output(out), SlidingWindowState(k[:, :, -window:], v[:, :, -window:])
-
-    def step(self, hidden_states: Tensor, state: SlidingWindowState, *,
-             rotary_pos_emb: Tensor) -> tuple[MixerOutput, SlidingWindowState]:
-        """One token ([1, b, d], rotary for its position): attend to the cache and itself."""
-        q, k, v = self._rotated_qkv(hidden_states, rotary_pos_emb)
-        keys, values = torch.cat([state.keys, k], dim=2), torch.cat([state.values, v], dim=2)
-        out = F.scaled_dot_product_attention(q, keys, values)  # every cached key is visible
-        window = self.core_attention.window
-        return self._output(out), SlidingWindowState(keys[:, :, -window:], values[:, :, -window:])
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return sliding_window_attention(q, k, v, self.window)

@@ -33,6 +33,12 @@ def wrap_with_ddp(
     ``finalize_model_grads_func`` (DP grad reduction, tied-embedding sync across
     pipeline stages, per-token loss scaling) and, with ``overlap_grad_reduce``, the
     ``no_sync_func``/``grad_sync_func`` hooks, as Megatron-LM does.
+
+    Buckets: without ``overlap_grad_reduce`` all gradients are reduced as one bucket after the
+    last backward; with it, in buckets of ``bucket_size`` parameters (None: megatron's default,
+    max(40M, 1M x data-parallel size)) started as soon as a bucket's gradients are ready. With
+    one data-parallel rank there is nothing to overlap: the reduction is a single-rank
+    collective, at most one pass over the gradient buffer.
     """
     chunks = list(model_chunks)
     if transformer_config.fp16 or transformer_config.bf16:

@@ -71,8 +71,9 @@ def reduce_losses(losses_reduced: list[dict]) -> dict[str, float]:
         torch.distributed.all_reduce(
             stacked, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
         )
-        result = {k: s / c if c > 0 else float("nan") for k, (s, c) in
-                  zip(keys, stacked.cpu().tolist())}
+        # A term with no tokens in this global batch (no masked prefix token drawn) is not
+        # reported: 0/0 would make the step's objective look non-finite.
+        result = {k: s / c for k, (s, c) in zip(keys, stacked.cpu().tolist()) if c != 0}
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         box = [result]
         torch.distributed.broadcast_object_list(
