@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import kernels.baseconv as bc
-from kernels.optional import OptionalKernels
 from kernels.baseconv import conv_tail, gated_causal_conv, gated_causal_conv_reference
 from kernels.baseconv.reference import gated_causal_conv_conv1d
+from tests.fakes import OnCuda, replace_kernels
 
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
@@ -100,21 +100,10 @@ def test_decoding_token_by_token_equals_the_sequence():
 
 # ---- the dispatcher ---------------------------------------------------------------------------
 
-class _OnCuda(torch.Tensor):
-    """A CPU tensor that says it is on CUDA: only the dispatcher looks."""
-
-    @property
-    def is_cuda(self) -> bool:
-        return True
-
-
 @pytest.fixture
 def kernel_state(monkeypatch):
     def set_state(module, error):
-        kernels = OptionalKernels("kernels.baseconv.triton_baseconv", "BaseConv",
-                                  "unfused, slower and more memory")
-        kernels._module, kernels.error = module, error
-        monkeypatch.setattr(bc, "_KERNELS", kernels)
+        replace_kernels(monkeypatch, bc, module, error)
     return set_state
 
 
@@ -135,7 +124,7 @@ def test_cpu_takes_the_reference_silently(kernel_state):
 
 def test_cuda_fallbacks_warn_once_per_reason(kernel_state):
     u, w, t = make(6, 2, 4, 3, torch.float32, "cpu", tail=True)
-    cuda_u = u.as_subclass(_OnCuda)
+    cuda_u = u.as_subclass(OnCuda)
     kernel_state(None, ImportError("libcuda.so.1: cannot open shared object file"))
     _, messages = _warnings_of([lambda: gated_causal_conv(cuda_u, w)] * 3)
     assert len(messages) == 1 and "ImportError: libcuda.so.1" in messages[0]

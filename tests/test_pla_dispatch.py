@@ -10,23 +10,15 @@ import pytest
 import torch
 
 import kernels.pla as pla
-from kernels.optional import OptionalKernels
 from kernels.pla import encoder_state, pla_decode_step, pla_prefill, prefix_linear_attention
-
-
-class _OnCuda(torch.Tensor):
-    """A CPU tensor that says it is on CUDA: only the dispatcher looks."""
-
-    @property
-    def is_cuda(self) -> bool:
-        return True
+from tests.fakes import OnCuda, replace_kernels
 
 
 def _inputs(f: int = 16, on_cuda: bool = False):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 12, d, generator=g) for d in (f, f, 8))
     if on_cuda:
-        q = q.as_subclass(_OnCuda)
+        q = q.as_subclass(OnCuda)
     return q, k, v, k[:, :, :4], v[:, :, :4]
 
 
@@ -42,9 +34,7 @@ def _fallback_warnings(calls) -> list[str]:
 def kernels_state(monkeypatch):
     """Set the dispatcher's Triton module and import error; nothing warned yet."""
     def set_state(module, error):
-        kernels = OptionalKernels("kernels.pla.triton_pla", "PLA", "about 1.3x slower training")
-        kernels._module, kernels.error = module, error
-        monkeypatch.setattr(pla, "_KERNELS", kernels)
+        replace_kernels(monkeypatch, pla, module, error)
     return set_state
 
 
@@ -71,7 +61,7 @@ def test_cpu_and_masked_calls_take_the_reference_silently(kernels_state):
     kernels_state(None, ImportError("no triton"))
     q, k, v, k_enc, v_enc = _inputs()
     mask = torch.ones(1, 12, dtype=torch.bool)
-    cuda_q = q.as_subclass(_OnCuda)
+    cuda_q = q.as_subclass(OnCuda)
     assert _fallback_warnings([
         lambda: prefix_linear_attention(q, k, v, k_enc, v_enc),
         lambda: pla_prefill(q, k, v, k_enc, v_enc),

@@ -14,6 +14,7 @@ import torch
 
 from megatron_jrt.mixers import swa
 from megatron_jrt.mixers.swa import blocked_sliding_window_attention, sliding_window_attention
+from tests.fakes import OnCuda
 
 
 def rel(a, b):
@@ -43,14 +44,6 @@ def flash_semantics(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size):
         out[start:end] = (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs
                           ).transpose(0, 1)
     return out
-
-
-class _OnCuda(torch.Tensor):
-    """A CPU tensor that says it is on CUDA: only the dispatcher looks."""
-
-    @property
-    def is_cuda(self) -> bool:
-        return True
 
 
 @pytest.fixture
@@ -90,13 +83,13 @@ def _dispatch_warnings(calls):
 
 def test_cuda_bf16_takes_flash_and_fp32_falls_back_once(fake_flash):
     q, k, v, _ = megatron_qkv(21, 2, 2, 8, torch.bfloat16, "cpu")
-    cuda_q = q.as_subclass(_OnCuda)
+    cuda_q = q.as_subclass(OnCuda)
     (out,), messages = _dispatch_warnings([lambda: sliding_window_attention(cuda_q, k, v, 4)])
     assert messages == [] and len(fake_flash) == 1
     torch.testing.assert_close(out.as_subclass(torch.Tensor).float(),
                                blocked_sliding_window_attention(q, k, v, 4).float(),
                                rtol=2e-2, atol=2e-2)
-    q32 = q.float().as_subclass(_OnCuda)
+    q32 = q.float().as_subclass(OnCuda)
     _, messages = _dispatch_warnings(
         [lambda: sliding_window_attention(q32, k.float(), v.float(), 4)] * 2)
     assert len(fake_flash) == 1 and len(messages) == 1 and "bf16/fp16" in messages[0]
@@ -120,7 +113,7 @@ def test_a_flash_failure_falls_back_and_is_not_retried(monkeypatch):
     monkeypatch.setattr(swa, "_flash_disabled", [])
     monkeypatch.setattr(swa, "_warned", set())
     q, k, v, _ = megatron_qkv(10, 1, 2, 8, torch.bfloat16, "cpu")
-    cuda_q = q.as_subclass(_OnCuda)
+    cuda_q = q.as_subclass(OnCuda)
     results, messages = _dispatch_warnings([lambda: sliding_window_attention(cuda_q, k, v, 4)] * 3)
     assert len(calls) == 1 and len(messages) == 1
     assert "does not support local attention" in messages[0]
