@@ -11,6 +11,19 @@ import warnings
 from types import ModuleType
 
 
+class FallbackWarnings:
+    """One warning per kind of fallback to a slower path, per process."""
+
+    def __init__(self, what: str, fallback: str):
+        self.what, self.fallback = what, fallback
+        self._warned: set[str] = set()
+
+    def warn_once(self, kind: str, reason: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(f"{self.what}: {reason}; {self.fallback}", RuntimeWarning, stacklevel=4)
+
+
 class OptionalKernels:
     """The module `name`, imported at the first `load()`; its import error kept in `error`."""
 
@@ -18,7 +31,7 @@ class OptionalKernels:
         self.name, self.what, self.fallback_cost = name, what, fallback_cost
         self.error: Exception | None = None
         self._module: ModuleType | None = None
-        self._warned: set[str] = set()  # the kinds of fallback already warned about
+        self._fallbacks = FallbackWarnings(what, f"using the PyTorch reference, {fallback_cost}")
 
     def load(self) -> ModuleType | None:
         if self._module is None and self.error is None:
@@ -40,7 +53,4 @@ class OptionalKernels:
         return module
 
     def warn_fallback_once(self, kind: str, reason: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            warnings.warn(f"{self.what}: {reason}; using the PyTorch reference, "
-                          f"{self.fallback_cost}", RuntimeWarning, stacklevel=4)
+        self._fallbacks.warn_once(kind, reason)

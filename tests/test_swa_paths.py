@@ -57,7 +57,7 @@ def fake_flash(monkeypatch):
 
     monkeypatch.setattr(swa, "_varlen_attn", lambda: varlen)
     monkeypatch.setattr(swa, "_flash_disabled", [])
-    monkeypatch.setattr(swa, "_warned", set())
+    monkeypatch.setattr(swa._FALLBACKS, "_warned", set())
     return seen
 
 
@@ -111,7 +111,7 @@ def test_a_flash_failure_falls_back_and_is_not_retried(monkeypatch):
 
     monkeypatch.setattr(swa, "_varlen_attn", lambda: broken)
     monkeypatch.setattr(swa, "_flash_disabled", [])
-    monkeypatch.setattr(swa, "_warned", set())
+    monkeypatch.setattr(swa._FALLBACKS, "_warned", set())
     q, k, v, _ = megatron_qkv(10, 1, 2, 8, torch.bfloat16, "cpu")
     cuda_q = q.as_subclass(OnCuda)
     results, messages = _dispatch_warnings([lambda: sliding_window_attention(cuda_q, k, v, 4)] * 3)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import warnings
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from kernels.optional import FallbackWarnings
 from megatron_jrt.mixers.attention import CoreAttention
 
 
@@ -37,7 +37,7 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
             except RuntimeError as e:  # e.g. a Flash build without local attention
                 _flash_disabled.append(f"FlashAttention failed ({type(e).__name__}: {e})")
                 reason = _flash_disabled[0]
-        _warn_fallback_once(reason)
+        _FALLBACKS.warn_once(reason, reason)
     return blocked_sliding_window_attention(q, k, v, window)
 
 
@@ -45,7 +45,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int) -> Te
 
 _FLASH_DTYPES = (torch.bfloat16, torch.float16)
 _flash_disabled: list[str] = []  # why Flash failed once in this process (then never retried)
-_warned: set[str] = set()
+_FALLBACKS = FallbackWarnings("sliding-window attention",
+                              "using the blocked SDPA path (pads, unfolds and masks: slower)")
 
 
 @functools.cache
@@ -72,13 +73,6 @@ def _flash_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
         return f"q, k, v differ in shape or dtype ({list(q.shape)}, {list(k.shape)}, {list(v.shape)})"
     return None
-
-
-def _warn_fallback_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"sliding-window attention: {reason}; using the blocked SDPA path "
-                      "(pads, unfolds and masks: slower)", RuntimeWarning, stacklevel=3)
 
 
 @functools.lru_cache(maxsize=64)
