@@ -6,18 +6,31 @@
 
 For every variant, length and preset: `--steps` timed steps (after `--warmup` untimed ones) of
 the real `jrt-train` step, `megatron_jrt.train.train` in this process (megatron-core DDP +
-distributed optimizer, bf16 with fp32 main weights on GPU, fp32 on CPU) on mock tokens of a
-50,264-token vocabulary; and, at every length, the same for a plain PyTorch Transformer++ of
-each preset's size (benchmarks/plain_transformer.py). Printed and in `--json`: tokens/s (one
-GPU), model TFLOP/s and MFU (megatron_jrt.flops, docs/METRICS.md), peak memory, and each stack
-row's tokens/s over the plain model's of the same size, length and batch.
+distributed optimizer, or DeepSpeed ZeRO in the `zero*` variants; bf16 with fp32 main weights
+on GPU, fp32 on CPU) on mock tokens of a 50,264-token vocabulary; and, at every length, the
+same for a plain PyTorch Transformer++ of each preset's size (benchmarks/plain_transformer.py).
+Printed and in `--json`: tokens/s (one GPU), model TFLOP/s and MFU (megatron_jrt.flops,
+docs/METRICS.md), peak memory, and each stack row's tokens/s over the plain model's of the
+same size, length and batch.
 
 Variants of the stack (`training.*` switches): `fast` fusions + compile, `fused` fusions only,
-`off` neither (the plain path). `name@L1+L2` runs a variant at those lengths only. Rows run
-in the order of `--variants`, then of `--lengths`. Every row is isolated: an out-of-memory (or
-any other error) is printed as that row's status and the table goes on; memory and compile
-caches are cleared between rows. `--json` is rewritten after every row, so a run cut short
-keeps what it measured.
+`off` neither (the plain path). For the memory table (peak GPU memory against tokens/s), each
+with fusions and without compile, so compare them with `fused`: `offload` megatron-core's
+optimizer CPU offload (`optimizer.cpu_offload=true`: Adam states and fp32 main weights in host
+memory; needs CUDA, a CPU run prints it as that row's error), `zero2` DeepSpeed ZeRO-2
+(`training.engine=deepspeed`, `training.zero_stage=2`), `zero3-offload` DeepSpeed ZeRO-3 with
+optimizer state and parameters offloaded to CPU (`training.offload=optimizer+params`); the
+DeepSpeed rows need the extra (`pip install -e ".[deepspeed]"`) and run in this process like
+the others. `mem GiB` is the peak GPU memory (torch's allocator); host memory is not counted.
+The issue's table, 1.3B on one H200:
+
+    python benchmarks/train_throughput.py --presets jrt-1.3b --lengths 2048 --batches 8 \
+        --plain none --variants fused,offload,zero2,zero3-offload --halve-on-oom --json mem.json
+
+`name@L1+L2` runs a variant at those lengths only. Rows run in the order of `--variants`, then
+of `--lengths`. Every row is isolated: an out-of-memory (or any other error) is printed as that
+row's status and the table goes on; memory and compile caches are cleared between rows.
+`--json` is rewritten after every row, so a run cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -42,6 +55,13 @@ VARIANTS = {
     "fast": ["training.fusions=true", "training.compile=true"],
     "fused": ["training.fusions=true", "training.compile=false"],
     "off": ["training.fusions=false", "training.compile=false"],
+    # memory: megatron-core's optimizer CPU offload, and DeepSpeed ZeRO (each with fusions)
+    "offload": ["training.fusions=true", "training.compile=false", "optimizer.cpu_offload=true"],
+    "zero2": ["training.fusions=true", "training.compile=false", "training.engine=deepspeed",
+              "training.zero_stage=2"],
+    "zero3-offload": ["training.fusions=true", "training.compile=false",
+                      "training.engine=deepspeed", "training.zero_stage=3",
+                      "training.offload=optimizer+params"],
 }
 PLAIN_MODES = ("compiled", "eager")
 TINY = dict(presets="jrt-tiny,transformer-tiny", lengths="64", batches="2", steps=2, warmup=1,
@@ -109,11 +129,27 @@ def measure_stack(preset: str, *, seq_length: int, batch: int, micro_batch: int,
     init_distributed(seed=cfg.training.seed)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(run_dir) / "console.txt", "w") as console, redirect_stdout(console):
-        result = _profiled(train, cfg) if profile else train(cfg)
+        _deepspeed_logs_to(console)
+        try:
+            result = _profiled(train, cfg) if profile else train(cfg)
+        finally:
+            _deepspeed_logs_to(sys.__stdout__)
     model_cfg = cfg.model_config().replace(vocab_size=vocab)
     return dict(summary(result.step_times[warmup:], tokens_per_step=batch * seq_length,
                         flops_per_token=flops_per_token(model_cfg, seq_length)),
                 loss=result.losses[-1])
+
+
+def _deepspeed_logs_to(stream) -> None:
+    """Point DeepSpeed's logger at `stream`. It writes to the sys.stdout of its import, which is
+    the console file of the first DeepSpeed row, closed when that row ends."""
+    import logging
+
+    if "deepspeed" not in sys.modules:
+        return  # imported (by the DeepSpeed engine) while this row's console is sys.stdout
+    for handler in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(stream)
 
 
 def _long_enough(preset: str, seq_length: int) -> list[str]:
@@ -299,13 +335,13 @@ def format_row(row: Row) -> str:
 
     ratio = row.vs_plain_compiled if row.vs_plain_compiled is not None else row.vs_plain_eager
     status = "" if row.status == "ok" else row.status
-    return (f"{row.model:<22}{row.variant:<10}{row.seq_length:>7}{row.batch:>4}x"
+    return (f"{row.model:<22}{row.variant:<14}{row.seq_length:>7}{row.batch:>4}x"
             f"{row.micro_batch:<3}{show(row.step_ms, '.1f'):>10}{show(row.tokens_per_s, ',.0f'):>11}"
             f"{show(row.tflops, '.1f'):>9}{show(row.mfu, '.1%'):>8}{show(row.memory_gib, '.1f'):>9}"
             f"{'-' if ratio is None else f'{ratio:.2f}x':>10}  {status}")
 
 
-HEADER = (f"{'model':<22}{'variant':<10}{'length':>7}{'batch':>8}{'step ms':>10}"
+HEADER = (f"{'model':<22}{'variant':<14}{'length':>7}{'batch':>8}{'step ms':>10}"
           f"{'tokens/s':>11}{'TFLOP/s':>9}{'MFU':>8}{'mem GiB':>9}{'vs plain':>10}")
 
 

@@ -3,17 +3,17 @@
     jrt-ckpt inspect runs/x/ckpt/step_0000100 [--no-hash] [--tensors N]
     jrt-ckpt inspect runs/x/ckpt               # the newest complete checkpoint
 
-Prints the step, consumed samples (and tokens), the parallel layout (TP/PP/DP) it was saved
-with, the run config, every tensor (name, global shape, dtype), the total size, and
-"verified: ok" once every file matched checkpoint.json (size and sha256) and
-dist_checkpointing read its metadata. Exit status 1 with the problem (naming the file) when
-it does not verify. Needs no GPU and no process group.
+Prints the step, consumed samples (and tokens), the engine that wrote it, the parallel layout
+(TP/PP/DP) it was saved with, the run config, every tensor (name, global shape, dtype), the
+total size, and "verified: ok" once every file matched checkpoint.json (size and sha256) and
+its metadata read (dist_checkpointing's, or the DeepSpeed model states: the model's fp32
+parameters, as `jrt-convert to-hf` consolidates them). Exit status 1 with the problem (naming
+the file) when it does not verify. Needs no GPU and no process group.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from checkpoints_tools.locate import PATH_HELP, VerifiedCheckpoint, verified_checkpoint
 from megatron_jrt.quiet import silence_megatron_noise
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         checkpoint = verified_checkpoint(args.path, hashes=not args.no_hash)
-        tensors = _tensors(checkpoint.path)
+        tensors = _tensors(checkpoint)
     except CheckpointError as exc:
         print(f"verified: FAILED: {exc}")
         return 1
@@ -56,6 +56,9 @@ def _print_report(checkpoint: VerifiedCheckpoint, tensors: list[tuple[str, tuple
     print(f"consumed samples: {body['consumed_samples']}")
     if "consumed_tokens" in body:
         print(f"consumed tokens: {body['consumed_tokens']}")
+    engine = body.get("engine", "megatron")
+    print(f"engine: {engine}" + (f" (ZeRO stage {body.get('zero_stage')})"
+                                 if engine == "deepspeed" else ""))
     print(f"layout: TP={layout['tp']} PP={layout['pp']} DP={layout['dp']} "
           f"(world size {layout['world']})")
     print(f"optimizer sharding: {body.get('optimizer_sharding')}")
@@ -88,12 +91,25 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
-def _tensors(path: Path) -> list[tuple[str, tuple, str]]:
-    """(key, global shape, dtype) of every sharded tensor, from dist_checkpointing's metadata."""
+def _tensors(checkpoint: VerifiedCheckpoint) -> list[tuple[str, tuple, str]]:
+    """(key, global shape, dtype) of every sharded tensor, from dist_checkpointing's metadata,
+    or of every parameter of a DeepSpeed checkpoint (fp32: ZeRO's master weights)."""
+    from checkpoints_tools.read_tensors import checkpoint_engine
+    from megatron_jrt.checkpoint import CheckpointError
+
+    path = checkpoint.path
+    if checkpoint_engine(checkpoint) == "deepspeed":
+        from megatron_jrt.training.engines.deepspeed_checkpoint import weight_shapes
+
+        try:
+            shapes = weight_shapes(path)
+        except (OSError, RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: cannot read its DeepSpeed model states "
+                                  f"({exc.__class__.__name__}: {exc})") from exc
+        return [(name, shape, "float32") for name, shape in sorted(shapes.items())]
+
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from megatron_jrt.checkpoint import CheckpointError
 
     try:
         metadata = dist_checkpointing.load_tensors_metadata(str(path))

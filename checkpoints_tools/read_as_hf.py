@@ -2,7 +2,8 @@
 
 `jrt-convert to-hf` writes what this returns to a directory; `jrt-generate` builds the model from
 it in memory. One reader, so that both see the same weights and the same tokenizer: the tensors
-merged from any TP/PP layout in one process without a process group (read_tensors), mapped by
+merged from any TP/PP layout, or consolidated from a DeepSpeed run's ZeRO partitions, in one
+process without a process group (read_tensors), mapped by
 megatron_jrt.hf.weights (vocabulary padding dropped, the LM head the embedding's tensor), and the
 tokenizer the run trained with (its recorded `data.tokenizer`) unless the caller names another.
 """
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from checkpoints_tools.locate import verified_checkpoint
-from checkpoints_tools.read_tensors import read_tensors
+from checkpoints_tools.read_tensors import checkpoint_engine, read_model_tensors
 from megatron_jrt.hf.configuration_jrt import JRTConfig
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ def read_as_hf(checkpoint: str | Path, *, tokenizer: str | None = None) -> HFChe
     from megatron_jrt.hf.weights import hf_config, megatron_names, megatron_to_hf
 
     found = verified_checkpoint(checkpoint)
+    checkpoint_engine(found)  # before the tokenizer: a checkpoint it cannot read says so first
     config = hf_config(found.body["config"]["model"])
     recorded = recorded_tokenizer(found.body)
     spec = tokenizer or (recorded if _present(recorded) else None)
@@ -65,5 +67,5 @@ def read_as_hf(checkpoint: str | Path, *, tokenizer: str | None = None) -> HFChe
         if loaded.vocab_size > config.vocab_size:
             raise ValueError(f"{named}: {loaded.vocab_size} ids, the model has "
                              f"{config.vocab_size}; give the tokenizer the run trained with")
-    state = megatron_to_hf(read_tensors(found.path, megatron_names(config)), config)
+    state = megatron_to_hf(read_model_tensors(found, megatron_names(config)), config)
     return HFCheckpoint(found.path, config, state, loaded, recorded)

@@ -410,7 +410,9 @@ def _accelerators(cfg: TrainConfig) -> str:
     fusions = cfg.training.fusions_enabled()
     return ("accelerators: " + (", ".join(found) if found else
                                 "none (no apex or Transformer Engine: torch norms)")
-            + f" | Adam: {adam_implementation(fused_adam=fusions)}"
+            + " | Adam: " + adam_implementation(fused_adam=fusions,
+                                                cpu_offload=cfg.optimizer.cpu_offload,
+                                                offload_fraction=cfg.optimizer.offload_fraction)
             + f" | fusions {'on' if fusions else 'off'} | compile "
             + ("on" if cfg.training.compile else "off"))
 

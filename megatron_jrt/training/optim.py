@@ -6,6 +6,12 @@ builds without ``fused``: the multi-tensor (foreach) path, about ten passes over
 weights and states per step. ``fused_adam`` switches that fallback to torch's one-pass fused
 kernel. It returns a ``ChainedOptimizer`` (one per parameter class: dense, and expert if any).
 Biases and 1-D parameters (norms) get no weight decay (megatron's default).
+
+``cpu_offload`` (``optimizer.cpu_offload``) is megatron-core's optimizer CPU offload: the
+distributed optimizer's Adam is a ``HybridDeviceOptimizer`` that keeps the fp32 main weights and
+Adam states of ``offload_fraction`` of the shard in pinned host memory and steps them with
+torch's fused AdamW on the CPU (the rest on the GPU, also fused). It needs CUDA (it moves
+gradients and weights on CUDA streams) and the distributed optimizer.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ def build_optimizer(
     decay_steps: int,
     lr_decay_style: str = "cosine",
     fused_adam: bool = False,
+    cpu_offload: bool = False,
+    offload_fraction: float = 1.0,
 ):
     """Adam over DDP-wrapped ``model_chunks`` and its LR schedule -> (optimizer, scheduler).
 
@@ -46,6 +54,10 @@ def build_optimizer(
     "constant", "inverse-square-root").
     ``fused_adam``: run torch's fused AdamW kernel where megatron falls back to torch AdamW
     (same update, one kernel per parameter group; TE's and apex's Adam are fused already).
+    ``cpu_offload``: megatron-core's optimizer CPU offload of ``offload_fraction`` of the state
+    (module docstring); its sub-optimizers are torch's fused AdamW whatever ``fused_adam`` says.
+    It needs bf16, ``use_distributed_optimizer`` (ValueError) and CUDA (a ConfigError naming
+    ``optimizer.cpu_offload``; the run config checks the rest, `train_config`).
     Also sets the model config's ``grad_scale_func`` (loss scaling for fp16; identity
     otherwise), which megatron's pipeline schedules call on the loss.
     """
@@ -53,6 +65,11 @@ def build_optimizer(
         raise ValueError(f"need 0 <= min_lr ({min_lr}) <= lr ({lr})")
     if decay_steps <= 0 or not 0 <= warmup_steps < decay_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < decay_steps ({decay_steps})")
+    if cpu_offload:
+        check_cpu_offload()  # first: a CPU run is fp32 whatever training.bf16 says
+    if cpu_offload and not (bf16 and use_distributed_optimizer and 0.0 < offload_fraction <= 1.0):
+        raise ValueError(f"cpu_offload needs bf16, use_distributed_optimizer and "
+                         f"0 < offload_fraction ({offload_fraction}) <= 1")
     config = OptimizerConfig(
         optimizer="adam",
         lr=lr,
@@ -65,12 +82,22 @@ def build_optimizer(
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=use_distributed_optimizer,
+        **_offload_settings(cpu_offload, offload_fraction),
     )
+    if cpu_offload:
+        _precision_aware(config)
     optimizer = get_megatron_optimizer(config, list(model_chunks))
-    if megatron_optimizer.USING_PYTORCH_OPTIMIZER:
+    # Offload: the HybridDeviceOptimizer builds its own fused torch AdamWs (CPU and GPU) and,
+    # on a load, gives every parameter its own step count; `_own_steps` would move those
+    # counts to the GPU beside the (GPU) shard parameters, away from their CPU copies.
+    if megatron_optimizer.USING_PYTORCH_OPTIMIZER and not cpu_offload:
         for chained in optimizer.chained_optimizers:
             if chained.optimizer is not None:  # None: no parameters of this class here
                 _own_steps(chained.optimizer, fused=fused_adam)
+    if megatron_optimizer.USING_PYTORCH_OPTIMIZER and cpu_offload:
+        _init_offload_state(optimizer)
+    if cpu_offload:
+        _allow_offload_classes_in_checkpoints(optimizer)
     get_model_config(model_chunks[0]).grad_scale_func = optimizer.scale_loss
     scheduler = lr_schedule(optimizer, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
                             warmup_steps=warmup_steps, decay_steps=decay_steps,
@@ -99,8 +126,106 @@ def lr_schedule(optimizer, *, lr: float, min_lr: float, weight_decay: float, war
     )
 
 
-def adam_implementation(fused_adam: bool) -> str:
-    """The Adam that `build_optimizer(..., fused_adam=fused_adam)` runs, in words (start-up log)."""
+def check_cpu_offload() -> None:
+    """megatron-core's optimizer offload needs CUDA: a ConfigError naming the key without it
+    (megatron itself would fail with an assertion inside torch.cuda)."""
+    from megatron_jrt.config import ConfigError
+
+    if not torch.cuda.is_available():
+        raise ConfigError("optimizer.cpu_offload: megatron-core's optimizer CPU offload "
+                          "(HybridDeviceOptimizer) needs CUDA: it moves gradients and weights "
+                          "between GPU and host memory on CUDA streams; on this machine set "
+                          "optimizer.cpu_offload=false")
+
+
+def _offload_settings(cpu_offload: bool, offload_fraction: float) -> dict:
+    """OptimizerConfig's offload fields. Overlap: gradients go to the host and weights come back
+    on side streams while the CPU Adam runs (the same update). Parameter remainders are a TE
+    FusedAdam format; the offloaded state keeps whole fp32 main weights."""
+    if not cpu_offload:
+        return {}
+    return dict(optimizer_cpu_offload=True, optimizer_offload_fraction=offload_fraction,
+                overlap_cpu_optimizer_d2h_h2d=True, store_param_remainders=False)
+
+
+def _precision_aware(config: OptimizerConfig) -> None:
+    """Turn on megatron's precision-aware optimizer path for a bf16 offload, as Megatron-LM
+    requires with --optimizer-cpu-offload: the HybridDeviceOptimizer then holds the fp32 main
+    weights (on the host) and the distributed optimizer keeps no fp32 copy on the GPU.
+
+    bf16 only (the run config says so at start-up): an fp32 model's main weights are its own
+    parameters (the optimizer gets shard views, which torch's optimizers refuse: "can't
+    optimize a non-leaf Tensor" on an H200), so there is nothing to move; and megatron 0.16.1
+    gives fp32 shards their gradient as `decoupled_grad`, which the HybridDeviceOptimizer
+    passes on only to offloaded and bf16 parameters.
+
+    Set after construction: megatron-core 0.16.1's OptimizerConfig.__post_init__ calls
+    is_te_min_version() for this flag, which raises TypeError without Transformer Engine
+    although the offload path never uses TE. The two flags are what __post_init__ sets for it
+    (fp32 main weights, no fp8); the asserts it would make (adam, distributed optimizer) hold.
+    """
+    assert config.optimizer == "adam" and config.use_distributed_optimizer
+    assert config.main_params_dtype == torch.float32 and config.fp8_recipe is None
+    config.use_precision_aware_optimizer = True
+    config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
+
+
+def _init_offload_state(optimizer) -> None:
+    """Give the HybridDeviceOptimizer's torch AdamWs the state their first step would create.
+
+    megatron's DistributedOptimizer.state_dict(), which a checkpoint load calls before loading,
+    reads every parameter's "step" when neither apex nor TE is installed, and a fresh
+    HybridDeviceOptimizer has none (megatron's own remedy, a step on random gradients, comes
+    later in the load). Step 0 and zero moments are what torch's AdamW starts from, so the
+    updates do not change; the memory is what the first step allocates anyway.
+    """
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    for chained in optimizer.chained_optimizers:
+        hybrid = chained.optimizer
+        if not isinstance(hybrid, HybridDeviceOptimizer):
+            continue
+        for sub in hybrid.sub_optimizers:
+            if not isinstance(sub, (torch.optim.Adam, torch.optim.AdamW)):
+                continue
+            for group in sub.param_groups:
+                on_device = group.get("fused") or group.get("capturable")
+                for param in group["params"]:
+                    state = sub.state[param]
+                    if state:
+                        continue
+                    state["step"] = (torch.zeros((), dtype=torch.float32, device=param.device)
+                                     if on_device else torch.tensor(0.0))
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param,
+                                                           memory_format=torch.preserve_format)
+        hybrid._sync_sub_optimizers_state_to_hdo()
+
+
+def _allow_offload_classes_in_checkpoints(optimizer) -> None:
+    """Let a resume read back the HybridDeviceOptimizer's parameter groups.
+
+    They carry its sub-optimizer classes (`cpu_optimizer_cls`, `gpu_optimizer_cls`) into the
+    checkpoint's common state, which megatron-core loads with torch.load's default
+    weights_only=True: without this, every resume of an offloaded run fails with "Unsupported
+    global: torch.optim.adamw.AdamW" (seen on an H200). Only those classes are allowed.
+    """
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    classes = {cls for chained in optimizer.chained_optimizers
+               if isinstance(chained.optimizer, HybridDeviceOptimizer)
+               for cls in (chained.optimizer.cpu_optimizer_cls,
+                           chained.optimizer.gpu_optimizer_cls) if cls is not None}
+    torch.serialization.add_safe_globals(sorted(classes, key=lambda c: c.__qualname__))
+
+
+def adam_implementation(fused_adam: bool, cpu_offload: bool = False,
+                        offload_fraction: float = 1.0) -> str:
+    """The Adam that `build_optimizer(..., fused_adam=fused_adam, cpu_offload=...)` runs, in
+    words (start-up log)."""
+    if cpu_offload:
+        return (f"megatron HybridDeviceOptimizer: torch AdamW, fused kernel, "
+                f"{offload_fraction:.0%} of the state in host memory")
     if not megatron_optimizer.USING_PYTORCH_OPTIMIZER:
         source = megatron_optimizer.Adam.__module__.split(".")[0]  # transformer_engine | apex
         return f"{source} FusedAdam"

@@ -4,7 +4,8 @@
 
 One PNG per experiment found in the inputs (shards of one sweep are merged):
 set_disjointness.png has a panel per set order (accuracy averaged over that order's test
-cells), mqar.png one panel averaged over all test cells. A point is the best run at that
+cells), mqar.png one panel averaged over all test cells, and a panel of training-loss curves
+when the runs recorded them. A point is the best run at that
 (model, state size), over learning rates and seeds, as in the paper. The tables (one row per
 point, one column per test cell) go to stdout, ready for docs/RESULTS.md. Needs matplotlib.
 """
@@ -61,27 +62,46 @@ def plot(experiment: str, runs: list[dict], out: Path) -> Path:
 
     points = best_points(runs)
     titles = list(dict.fromkeys(t for r in points for t in panels(experiment, r)))
-    fig, axes = plt.subplots(1, len(titles), figsize=(4.5 * len(titles), 3.6), squeeze=False,
-                             sharey=True)
+    curves = [r for r in points if r.get("loss_curve")]
+    fig, axes = plt.subplots(1, len(titles) + bool(curves),
+                             figsize=(4.5 * (len(titles) + bool(curves)), 3.6), squeeze=False)
     for ax, title in zip(axes[0], titles):
         for family in dict.fromkeys(r["family"] for r in points):
             mine = [r for r in points if r["family"] == family]
             ax.plot([r["state_size"] for r in mine],
                     [panels(experiment, r)[title] for r in mine], marker="o", label=family)
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded labels on a narrow range
+        sizes = sorted({r["state_size"] for r in points})
+        ax.set_xticks(sizes, [f"{size / 1000:.3g}k" for size in sizes], fontsize=7)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # only the measured sizes
         ax.set_xlabel("state size (numbers per sequence)")
         ax.set_title(title)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][len(titles) - 1].legend(fontsize=8)
+    if curves:
+        _plot_curves(axes[0][-1], curves)
     fig.suptitle(experiment.replace("_", " "))
     fig.tight_layout()
     path = out / f"{experiment}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_curves(ax, runs: list[dict]) -> None:
+    """Training loss (on the answers) against step, one line per run: did it converge?"""
+    for run in runs:
+        steps, losses = zip(*run["loss_curve"])
+        label = run["family"] + (f" d{run['hidden_size']}" if run["family"] == "transformer"
+                                 else f" d{run['hidden_size']} f{run['feature_dim']}")
+        ax.plot(steps, losses, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (answers)")
+    ax.set_title("learning curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def table(runs: list[dict]) -> str:

@@ -60,6 +60,7 @@ class Training:
     lr: float
     seed: int = 1234
     warmup_steps: int = 50
+    data_workers: int = DATA_WORKERS  # on a GPU; none on CPU
 
 
 def train_and_evaluate(model: Model, task_params: dict, seq_length: int, training: Training,
@@ -90,11 +91,11 @@ def train_and_evaluate(model: Model, task_params: dict, seq_length: int, trainin
         "data": {"synthetic": params, "seq_length": task.seq_length,
                  "micro_batch_size": training.batch_size,
                  "global_batch_size": training.batch_size,
-                 "num_workers": DATA_WORKERS if torch.cuda.is_available() else 0},
+                 "num_workers": training.data_workers if torch.cuda.is_available() else 0},
         "optimizer": {"lr": training.lr, "min_lr": training.lr / 10,
                       "warmup_steps": min(training.warmup_steps, training.steps // 2)},
         "training": {"train_steps": training.steps, "seed": training.seed,
-                     "eval_steps": 0, "log_interval": max(1, training.steps // 5)},
+                     "eval_steps": 0, "log_interval": max(1, training.steps // 20)},
         "checkpoint": {"save_dir": str(run_dir / "ckpt"), "save_interval": training.steps,
                        "keep_last": 1},
         "logging": {"run_dir": str(run_dir), "tensorboard": False, "progress_bar": False},
@@ -115,11 +116,20 @@ def train_and_evaluate(model: Model, task_params: dict, seq_length: int, trainin
             "state_size": state_size(trained.config, task.seq_length),
             "prefix_length": trained.config.prefix_length, "seq_length": task.seq_length,
             "steps": training.steps, "batch_size": training.batch_size, "lr": training.lr,
-            "final_loss": result.losses[-1], "train_seconds": trained_at - started,
+            "final_loss": result.losses[-1], "loss_curve": loss_curve(result.losses),
+            "train_seconds": trained_at - started,
             "step_ms": statistics.median(result.step_times) * 1e3,
             "seconds": time.perf_counter() - started,
             "cells": [{**task.describe(c.cell), "accuracy": c.accuracy, "answers": c.answers}
                       for c in cells]}
+
+
+def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
+    """[step, training loss] at about `points` evenly spaced steps and the last one (the plot's
+    learning curves: how far from converged a run stopped)."""
+    every = max(1, len(losses) // points)
+    steps = sorted(set(range(every, len(losses) + 1, every)) | {len(losses)})
+    return [[step, losses[step - 1]] for step in steps]
 
 
 class Sweep:
@@ -213,6 +223,9 @@ def sweep_parser(description: str, setup: Setup, tiny: Setup):
     parser.add_argument("--max-minutes", type=float,
                         help="start no run that would end past this (default: "
                              f"{setup.max_minutes})")
+    parser.add_argument("--data-workers", type=int, default=DATA_WORKERS,
+                        help="sample-making processes per run on a GPU (fewer when several "
+                             "sweeps share a host)")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: run every n-th model from the i-th (one shard per GPU)")
     parser.add_argument("--work-dir", type=Path, default=None,
@@ -248,7 +261,8 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
 
     def one_run(item) -> dict:
         model, lr = item
-        training = Training(steps=chosen.steps, batch_size=chosen.batch_size, lr=lr)
+        training = Training(steps=chosen.steps, batch_size=chosen.batch_size, lr=lr,
+                            data_workers=args.data_workers)
         return train_and_evaluate(model, chosen.task, chosen.seq_length, training,
                                   list(chosen.test_cells), work_dir=work_dir,
                                   examples=chosen.examples)

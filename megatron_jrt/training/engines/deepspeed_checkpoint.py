@@ -9,14 +9,21 @@ resume=auto, verification and retention work the same. checkpoint.json says
 
 Saves are synchronous (checkpoint.async_save does not apply). A resume needs the same
 data-parallel size and ZeRO stage (DeepSpeed's ds_to_universal is not wired in).
+
+Read back without DeepSpeed's engine or a process group (`jrt-convert to-hf`, `jrt-generate`,
+`jrt-ckpt inspect`): `read_fp32_weights` consolidates the fp32 master weights from every rank's
+ZeRO partitions with DeepSpeed's own zero_to_fp32; `weight_shapes` lists them cheaply.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from megatron_jrt.checkpoint import store
 from megatron_jrt.checkpoint.state import (CheckpointState, SaveInProgress, _publish,
@@ -26,6 +33,8 @@ from megatron_jrt.checkpoint.store import RANK_STATE_DIR, CheckpointError
 
 ENGINE = "deepspeed"
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+# ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: zero_pp_rank_R_mp_rank_00_model_states.pt per rank
+MODEL_STATES = "*mp_rank_00_model_states.pt"
 
 
 class DeepSpeedSaver:
@@ -114,3 +123,46 @@ def load_deepspeed_checkpoint(path: Path, engine, expected_model_config: dict
     _set_rng_state(rank_state["rng"])
     result.rng_restored, result.data_state = True, rank_state["data_state"]
     return result
+
+
+def _model_states(path: Path) -> list[Path]:
+    """The model-states files of DeepSpeed checkpoint `path`, or a CheckpointError."""
+    files = sorted(path.glob(MODEL_STATES))
+    if not files:
+        raise CheckpointError(f"{path}: no DeepSpeed model states ({MODEL_STATES}) although "
+                              "its checkpoint.json says engine deepspeed; the files are not "
+                              "the ones jrt-train wrote")
+    return files
+
+
+def weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every model parameter of DeepSpeed checkpoint `path`, from its
+    model states (memory-mapped, nothing consolidated); in parameter-group order."""
+    path = Path(path)
+    states = torch.load(_model_states(path)[0], map_location="cpu", mmap=True,
+                        weights_only=False)  # DeepSpeed's own pickle (config, torch.Size)
+    return {name: tuple(shape) for group in states["param_shapes"]
+            for name, shape in group.items()}
+
+
+def read_fp32_weights(path: str | Path) -> dict[str, Tensor]:
+    """The model's fp32 weights from DeepSpeed checkpoint `path` (ZeRO 1, 2 or 3, any number of
+    ranks), consolidated by DeepSpeed's zero_to_fp32 in this process, on CPU, under the
+    module's parameter names (megatron's). DeepSpeed's messages go to stderr, so that the
+    stdout of the calling command stays its own.
+
+    ValueError when deepspeed is not installed; CheckpointError when zero_to_fp32 fails."""
+    path = Path(path)
+    _model_states(path)
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as exc:
+            raise ValueError(f"{path}: a checkpoint of the DeepSpeed engine; reading it needs "
+                             f"the deepspeed package: pip install -e \".[deepspeed]\" ({exc})"
+                             ) from None
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        except Exception as exc:  # noqa: BLE001 - one line naming the checkpoint
+            raise CheckpointError(f"{path}: DeepSpeed's zero_to_fp32 cannot consolidate it "
+                                  f"({exc.__class__.__name__}: {exc})") from None

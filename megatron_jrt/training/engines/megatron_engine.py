@@ -1,5 +1,9 @@
 """The megatron-core engine: DDP (distributed optimizer), megatron's Adam and schedules.
 
+`optimizer.cpu_offload` makes that Adam megatron-core's HybridDeviceOptimizer (optimizer state
+in host memory; `training.optim`), which needs CUDA: on CPU `build_optimizer` stops the run
+at start-up with a ConfigError naming the key.
+
 Delegates to the functions the trainer has always used (`wrap_with_ddp`, `build_optimizer`,
 `training.step`, `megatron_jrt.checkpoint`); this class only holds them together behind
 the engine seam (`engines.base.Engine`). The objective comes in as megatron's forward_step
@@ -38,7 +42,8 @@ class MegatronEngine:
             clip_grad=opt.clip_grad,
             use_distributed_optimizer=parallel.use_distributed_optimizer, bf16=bf16,
             warmup_steps=opt.warmup_steps, decay_steps=opt.decay_steps or cfg.training.train_steps,
-            lr_decay_style=opt.lr_decay_style, fused_adam=cfg.training.fusions_enabled())
+            lr_decay_style=opt.lr_decay_style, fused_adam=cfg.training.fusions_enabled(),
+            cpu_offload=opt.cpu_offload, offload_fraction=opt.offload_fraction)
         self._step_kwargs = dict(num_microbatches=num_microbatches,
                                  seq_length=cfg.data.seq_length,
                                  micro_batch_size=cfg.data.micro_batch_size)
