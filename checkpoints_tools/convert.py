@@ -28,7 +28,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from checkpoints_tools.hf_dir import read_hf_dir, write_hf_dir
+from megatron_jrt.startup_interrupt import end_of_start_up, exit_on_ctrl_c_during_imports
+
+exit_on_ctrl_c_during_imports("jrt-convert", __name__)  # before torch and megatron
+
+from checkpoints_tools.hf_dir import read_hf_dir, write_hf_dir  # noqa: E402 - after the start-up SIGINT handler
 from checkpoints_tools.locate import PATH_HELP
 
 SENTENCEPIECE_FILE = "tokenizer.model"  # also copied: tools that read SentencePiece directly
@@ -145,7 +149,9 @@ def _convert(args: argparse.Namespace) -> tuple[Path | str, Path | str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from megatron_jrt.checkpoint import CheckpointError
+    from megatron_jrt.checkpoint import CheckpointError  # megatron: still start-up
+
+    end_of_start_up()  # from here the command's own SIGINT handling
 
     try:
         source, target = _convert(args)

@@ -6,17 +6,18 @@
     jrt-prep verify --data shards/     (every shard against manifest.json; exit 1 if any is bad)
 
 Exit codes: 0 done, 1 `verify` found a bad shard, 2 an error it knows (one line: `jrt-prep CMD: error: ...`),
-130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (one line: `jrt-prep CMD: interrupted (SIGINT); ...`).
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM (one line: `jrt-prep CMD: interrupted (SIGINT); ...`, or
+`jrt-prep: interrupted (SIGINT)` when it came before the arguments were read).
 """
+# Standard library only up here: jrt-prep's signal handler is installed first thing in main(), and
+# everything else (data_prep's modules, numpy, sentencepiece) is imported after it, so a Ctrl-C during
+# start-up stops the run like one later (exit 130, one line) instead of as a KeyboardInterrupt traceback.
 import argparse
 import contextlib
 import signal
 import sys
 import time
 from pathlib import Path
-
-from data_prep.documents import TEXT_UNITS, InputError, ReadStats, expand_inputs, iter_all_documents
-from data_prep.layout import MANIFEST, published_shards
 
 
 class Interrupted(BaseException):
@@ -29,23 +30,29 @@ class Interrupted(BaseException):
         self.signal = signal.Signals(signum)
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
 @contextlib.contextmanager
 def _signals_raise_interrupted():
+    """SIGINT and SIGTERM raise `Interrupted` inside; yields the list of the signals received, because an
+    extension module being imported when one comes may turn the exception into an ImportError (numpy does)."""
+    received: list[int] = []
+
+    def raise_interrupted(signum, frame):
+        received.append(signum)
+        raise Interrupted(signum)
+
     # a signal the parent set to be ignored stays ignored, as Python leaves it (nohup, `cmd &` in a script)
     handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
-    previous = {s: signal.signal(s, _raise_interrupted) for s in handled}
+    previous = {s: signal.signal(s, raise_interrupted) for s in handled}
     try:
-        yield
+        yield received
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
 def _inputs(args) -> list[str]:
+    from data_prep.documents import InputError
+
     paths = list(args.input or [])
     if args.bundled:
         from data_prep.corpus import bundled_corpus_paths
@@ -57,6 +64,8 @@ def _inputs(args) -> list[str]:
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
+    from data_prep.documents import TEXT_UNITS
+
     p.add_argument("--input", nargs="+", action="extend", metavar="FILE_OR_GLOB",
                    help=".txt/.txt.gz (one document per file, see --split-text) or .jsonl/.jsonl.gz "
                         "(one per line, field --text-key)")
@@ -70,6 +79,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenizer(args) -> int:
+    from data_prep.documents import InputError, ReadStats, expand_inputs, iter_all_documents
     from data_prep.tokenizer import TrainingError, load_tokenizer, train_sentencepiece
 
     stats = ReadStats()
@@ -106,6 +116,8 @@ def cmd_shards(args) -> int:
 def _shards_left_behind(out_dir: str) -> str:
     """What a `shards` run stopped by a signal left in its folder (the writer deletes the shard it was
     writing; the ones before it are complete)."""
+    from data_prep.layout import MANIFEST, published_shards
+
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         return f"{out} holds a finished run ({MANIFEST} is in place)"
@@ -172,18 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = None
     try:
-        with _signals_raise_interrupted():
-            return args.func(args)
+        with _signals_raise_interrupted() as received:
+            try:
+                args = build_parser().parse_args(argv)
+                return args.func(args)
+            except ImportError as e:  # a signal during an extension's import can surface as its ImportError
+                if received:
+                    raise Interrupted(received[0]) from e
+                raise
     except Interrupted as e:
-        note = f"; {_shards_left_behind(args.out)}" if args.command == "shards" else ""
-        print(f"jrt-prep {args.command}: interrupted ({e.signal.name}){note}", file=sys.stderr)
+        note = f"; {_shards_left_behind(args.out)}" if getattr(args, "command", None) == "shards" else ""
+        print(f"{_prog(args)}: interrupted ({e.signal.name}){note}", file=sys.stderr)
         return 128 + e.signal
     # InputError and ManifestError are ValueErrors; WorkerError (a tokeniser process died) a ChildProcessError
     except (FileNotFoundError, FileExistsError, ValueError, ImportError, ChildProcessError) as e:
-        print(f"jrt-prep {args.command}: error: {e}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _prog(args) -> str:
+    """`jrt-prep CMD`, or `jrt-prep` when it stopped before its arguments were parsed."""
+    return f"jrt-prep {args.command}" if args is not None else "jrt-prep"
 
 
 if __name__ == "__main__":

@@ -184,6 +184,10 @@ PRESETS: dict[str, JRTModelConfig] = {
     # The paper's models (JRT_SPEC.md section 3).
     "jrt-360m": _preset(1024, 26, 16, [1, 6, 11, 16, 21], [2, 7, 12, 17, 22]),
     "jrt-1.3b": _preset(1792, 36, 16, [1, 6, 11, 16, 21, 27, 33], [2, 7, 12, 17, 22, 28, 34]),
+    # Not the paper's: the 360M's layout (PLA, SWA, three BaseConv, repeated) at GPT-2 small's
+    # width, for a minutes-long comparison at equal tokens (evals/experiments/lm_quality.py).
+    # 130,411,776 parameters with a 32000 vocabulary (Transformer++ 118,973,184).
+    "jrt-125m": _preset(768, 16, 12, [1, 6, 11], [2, 7, 12]),
     # Small models with every mixer, for the CPU demo and the tests.
     "jrt-demo": _preset(256, 6, 4, [1, 4], [2, 5], prefix_length=128, swa_window=64,
                         max_sequence_length=256),

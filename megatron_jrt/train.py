@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import torch
+from megatron_jrt.startup_interrupt import end_of_start_up, exit_on_ctrl_c_during_imports
+
+exit_on_ctrl_c_during_imports("jrt-train", __name__)  # before torch and megatron
+
+import torch  # noqa: E402 - after the start-up SIGINT handler
 
 from megatron_jrt.config import ConfigError
 from megatron_jrt.errors import DataError, ExitCode, NonFiniteLossError, exit_code_for
@@ -434,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jrt-train: config error: {error}", file=sys.stderr)
         return ExitCode.CONFIG
     run_dir = Path(cfg.logging.run_dir)
+    end_of_start_up()  # from here the command's own SIGINT handling
     with ConsoleLog(run_dir, enabled=launch.rank == 0):
         try:
             init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel,

@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import time
 import traceback
 from contextlib import contextmanager
@@ -59,6 +60,7 @@ def _cleanup() -> None:
 
 
 def _worker(fn, args, rank, world_size, port, results) -> None:
+    os.setpgid(0, 0)  # a process group per rank: launch ends the rank with everything it started
     os.environ.update(_rank_env(rank, world_size, port))
     try:
         import torch
@@ -73,6 +75,30 @@ def _worker(fn, args, rank, world_size, port, results) -> None:
             _cleanup()
         except Exception:  # noqa: BLE001
             pass
+
+
+FAILURE_GRACE_S = 5.0  # after one rank fails, how long the others get to report before all are killed
+
+
+def _kill_ranks(procs, groups_of_exited: bool) -> set[int]:
+    """SIGKILL every rank still running and everything it started (each rank leads its own process
+    group), then reap them: no rank outlives launch, even one that ignores SIGTERM or hangs in C.
+    Returns the ranks that were killed. ``groups_of_exited``: also the helpers of ranks already gone."""
+    killed = set()
+    for rank, p in enumerate(procs):
+        alive = p.is_alive()
+        if not alive and not groups_of_exited:
+            continue
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):  # no such group: all gone, or not its own yet
+            if alive:
+                p.kill()
+        if alive:
+            killed.add(rank)
+    for p in procs:
+        p.join(timeout=10)
+    return killed
 
 
 def launch(fn, world_size: int, *args, timeout: float = 300, in_process: bool = False) -> list:
@@ -98,19 +124,20 @@ def launch(fn, world_size: int, *args, timeout: float = 300, in_process: bool = 
             p.start()
             procs.append(p)
 
-    values, errors = {}, {}
+    values, errors, failed_at = {}, {}, None
     deadline = time.monotonic() + timeout
     try:
         while len(values) + len(errors) < world_size:
-            if errors:  # peers of a failed rank may hang in a collective: give them a moment
-                deadline = min(deadline, time.monotonic() + 10)
+            silent = [r for r, p in enumerate(procs)  # exited without a result (os._exit, a crash)
+                      if p.exitcode not in (None, 0) and r not in values and r not in errors]
+            if (errors or silent) and failed_at is None:
+                failed_at = time.monotonic()  # peers may hang in a collective: a moment to report
+            if failed_at is not None and time.monotonic() > failed_at + FAILURE_GRACE_S:
+                break
             try:
-                rank, ok, payload = results.get(timeout=1.0)
+                rank, ok, payload = results.get(timeout=0.2)
             except queue.Empty:
                 if time.monotonic() > deadline:
-                    break
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead and all(p.exitcode is not None for p in procs):
                     break
                 continue
             if ok:
@@ -118,19 +145,28 @@ def launch(fn, world_size: int, *args, timeout: float = 300, in_process: bool = 
             else:
                 errors[rank] = payload
     finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        done = len(values) == world_size
+        if done:  # every rank returned: they exit on their own
+            for p in procs:
+                p.join(timeout=10)
+        killed = _kill_ranks(procs, groups_of_exited=not done)
 
     missing = [r for r in range(world_size) if r not in values and r not in errors]
     if errors or missing:
-        report = [f"--- rank {r} raised ---\n{tb}" for r, tb in sorted(errors.items())]
+        failed, report = sorted(errors), [f"--- rank {r} raised ---\n{tb}" for r, tb in sorted(errors.items())]
         for r in missing:
-            report.append(f"--- rank {r} returned nothing (exit code {procs[r].exitcode};"
-                          f" timeout {timeout}s) ---")
-        pytest.fail("\n".join(report), pytrace=False)
+            if r not in killed:
+                why = f"exited with code {procs[r].exitcode} without a result"
+            elif failed_at is None:
+                why = f"timed out after {timeout:g} s; killed"
+            else:
+                why = "still running after another rank failed; killed"
+            if r not in killed or failed_at is None:
+                failed.append(r)
+            report.append(f"--- rank {r} returned nothing: {why} ---")
+        head = (f"launch: rank {', '.join(map(str, sorted(failed)))} of {world_size} failed"
+                f" (every rank and its child processes are ended)")
+        pytest.fail("\n".join([head, *report]), pytrace=False)
     return [values[r] for r in range(world_size)]
 
 

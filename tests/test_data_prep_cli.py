@@ -188,6 +188,13 @@ def test_shards_interrupted_20_times_never_hangs_and_publishes_nothing_partial(t
             continue
         (os.killpg if k % 2 == 0 else os.kill)(proc.pid, signal.SIGINT)
         rc, seconds, err = _finish(proc, marker, log)
+        if rc in (0, -signal.SIGINT) and " docs/s, " in err:
+            # the run had finished and printed its summary; the signal came during Python's own
+            # exit, after jrt-prep's handler was gone (CPython then ends by SIGINT): complete
+            finished_early += 1
+            assert sorted(p.name for p in out.iterdir()) == sorted(
+                p.name for p in reference_run["dir"].iterdir()), err
+            continue
         _assert_interrupted(rc, seconds, err, signal.SIGINT)
         _assert_nothing_partial(out, reference_run, err)
         stopped_while_publishing += out.is_dir() and any(out.iterdir())

@@ -197,16 +197,20 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_jrt.checkpoint import CheckpointError
-    from megatron_jrt.quiet import silence_megatron_noise
+    try:  # a Ctrl-C, also during the imports (torch, megatron: seconds), is one line; nothing is written
+        from megatron_jrt.checkpoint import CheckpointError
+        from megatron_jrt.quiet import silence_megatron_noise
 
-    silence_megatron_noise()
-    args = parse_args(argv)
-    try:
-        results = run(args)
-    except (ValueError, OSError, CheckpointError) as exc:  # ConfigError, RecallDataError too
-        print(f"jrt-eval: error: {exc}", file=sys.stderr)
-        return 2
+        silence_megatron_noise()
+        args = parse_args(argv)
+        try:
+            results = run(args)
+        except (ValueError, OSError, CheckpointError) as exc:  # ConfigError, RecallDataError too
+            print(f"jrt-eval: error: {exc}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:
+        print("jrt-eval: interrupted (SIGINT); nothing was written", file=sys.stderr)
+        return 130
     if args.json:
         text = json.dumps(results, indent=2)
         if args.json == "-":

@@ -15,11 +15,14 @@ import contextlib
 import json
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from megatron_jrt.evals.experiments.children import Child, visible_gpus
 
 FAMILIES = ("jrt", "based", "transformer", "based+jrt-prompt")
 PRESET = {"jrt": "jrt-tiny", "based": "based-tiny", "transformer": "transformer-tiny",
@@ -136,44 +139,120 @@ class Sweep:
     """The rows of a sweep, rewritten to `out` after each run; stops before the time budget.
 
     A run's training log goes to `<out stem>-logs/<model>-lr<lr>.log`; the console gets one
-    line per run.
+    line per run. `run` trains in this process, one run after the other; `run_children` runs
+    each in a child process, several at once.
     """
 
-    def __init__(self, out: Path, experiment: str, settings: dict, max_minutes: float | None):
+    def __init__(self, out: Path, experiment: str, settings: dict, max_minutes: float | None,
+                 *, logs: bool = True):
         self.out, self.max_seconds = out, None if max_minutes is None else 60 * max_minutes
+        self.logs = logs  # False: the training log stays on stdout (a child's, to its log)
         self.started, self.longest = time.perf_counter(), 0.0
         self.data = {"experiment": experiment, "device": _device(), "settings": settings,
                      "runs": [], "skipped": []}
         out.parent.mkdir(parents=True, exist_ok=True)
 
+    def log_path(self, model: Model, lr: float) -> Path:
+        return self.out.parent / f"{self.out.stem}-logs" / f"{model.name}-lr{lr:g}.log"
+
     def run(self, runs: list[tuple[Model, float]], one_run) -> dict:
         """`one_run((model, lr)) -> row` for each run in order, within the budget."""
         for index, (model, lr) in enumerate(runs):
-            elapsed = time.perf_counter() - self.started
-            if self.max_seconds is not None and elapsed + self.longest > self.max_seconds:
-                self.data["skipped"] = [f"{m.name} lr {x:g}" for m, x in runs[index:]]
-                print(f"budget: {elapsed / 60:.1f} of {self.max_seconds / 60:.1f} min used, "
-                      f"the longest run took {self.longest:.0f} s; skipping "
-                      f"{len(runs) - index} runs", flush=True)
+            if self._over_budget(runs[index:]):
                 break
-            log = self.out.parent / f"{self.out.stem}-logs" / f"{model.name}-lr{lr:g}.log"
-            log.parent.mkdir(exist_ok=True)
-            with open(log, "w") as handle, contextlib.redirect_stdout(handle):
+            if self.logs:
+                log = self.log_path(model, lr)
+                log.parent.mkdir(exist_ok=True)
+                with open(log, "w") as handle, contextlib.redirect_stdout(handle):
+                    row = one_run((model, lr))
+            else:
                 row = one_run((model, lr))
             self.longest = max(self.longest, row["seconds"])
             self.data["runs"].append(row)
             self._write()
-            mean = sum(c["accuracy"] for c in row["cells"]) / len(row["cells"])
-            print(f"[{index + 1}/{len(runs)}] {model.name} lr {lr:g}: state "
-                  f"{row['state_size']:,}, mean accuracy {mean:.3f}, loss {row['final_loss']:.3f}, "
-                  f"{row['step_ms']:.0f} ms/step, "
-                  f"{row['seconds']:.0f} s", flush=True)
+            print(f"[{index + 1}/{len(runs)}] {_summary(row)}", flush=True)
         self._write()
         return self.data
+
+    def run_children(self, runs: list[tuple[Model, float]], command, *, parallel: int,
+                     gpus: list[str], work_dir: Path, poll_seconds: float = 0.5) -> dict:
+        """Each run as a child process, `parallel` at once, within the budget.
+
+        `command(model, lr, out, work_dir) -> argv` trains that one run and writes its sweep
+        JSON to `out`. A child gets OMP_NUM_THREADS=1 unless it is set (a few threads each,
+        or children oversubscribe the cores), a rank of its own (a lone process, any free
+        port) and, with `gpus`, CUDA_VISIBLE_DEVICES: the GPU running the fewest children,
+        the first such in `gpus` order (round-robin while runs take alike). Its stdout and
+        stderr go to its log. The rows come back in `runs`' order, as `run` writes them; a
+        failed child is listed in "failed" with its exit code, last line and log, and the
+        others go on.
+        """
+        self.data["failed"] = []
+        rows, failed, running = {}, {}, {}  # run index -> row / failure / Child
+        pending = list(enumerate(runs))
+        try:
+            while pending or running:
+                while pending and len(running) < parallel:
+                    if self._over_budget([run for _, run in pending]):
+                        pending = []
+                        break
+                    index, (model, lr) = pending.pop(0)
+                    gpu = min(gpus, key=[c.gpu for c in running.values()].count) if gpus else None
+                    child_dir = work_dir / f"{model.name}-lr{lr:g}"
+                    shutil.rmtree(child_dir, ignore_errors=True)
+                    child_dir.mkdir(parents=True)
+                    log = self.log_path(model, lr)
+                    log.parent.mkdir(exist_ok=True)
+                    running[index] = Child.start(
+                        command(model, lr, child_dir / "run.json", child_dir / "work"),
+                        log, child_dir / "run.json", gpu)
+                time.sleep(poll_seconds)
+                for index, child in list(running.items()):
+                    if child.proc.poll() is None:
+                        continue
+                    del running[index]
+                    model, lr = runs[index]
+                    self.longest = max(self.longest, child.seconds())
+                    row, failure = child.result()
+                    if row is not None:
+                        rows[index] = row
+                        line = _summary(row)
+                    else:
+                        failed[index] = {"name": model.name, "lr": lr, "gpu": child.gpu,
+                                         **failure, "log": str(child.log)}
+                        line = (f"{model.name} lr {lr:g}: FAILED (exit {failure['returncode']}"
+                                f"): {failure['error']}; log {child.log}")
+                    self.data["runs"] = [rows[i] for i in sorted(rows)]
+                    self.data["failed"] = [failed[i] for i in sorted(failed)]
+                    self._write()
+                    print(f"[{len(rows) + len(failed)}/{len(runs)}] {line}", flush=True)
+        finally:
+            for child in running.values():  # interrupted: end the children we started
+                child.stop()
+        self._write()
+        return self.data
+
+    def _over_budget(self, rest: list[tuple[Model, float]]) -> bool:
+        """Past the budget with `rest` still to start: list them as skipped and say so."""
+        elapsed = time.perf_counter() - self.started
+        if self.max_seconds is None or elapsed + self.longest <= self.max_seconds:
+            return False
+        self.data["skipped"] = [f"{m.name} lr {x:g}" for m, x in rest]
+        print(f"budget: {elapsed / 60:.1f} of {self.max_seconds / 60:.1f} min used, "
+              f"the longest run took {self.longest:.0f} s; skipping "
+              f"{len(rest)} runs", flush=True)
+        return True
 
     def _write(self) -> None:
         self.data["minutes"] = (time.perf_counter() - self.started) / 60
         self.out.write_text(json.dumps(self.data, indent=1) + "\n")
+
+
+def _summary(row: dict) -> str:
+    mean = sum(c["accuracy"] for c in row["cells"]) / len(row["cells"])
+    return (f"{row['name']} lr {row['lr']:g}: state {row['state_size']:,}, mean accuracy "
+            f"{mean:.3f}, loss {row['final_loss']:.3f}, {row['step_ms']:.0f} ms/step, "
+            f"{row['seconds']:.0f} s")
 
 
 def _device() -> str:
@@ -226,10 +305,22 @@ def sweep_parser(description: str, setup: Setup, tiny: Setup):
     parser.add_argument("--data-workers", type=int, default=DATA_WORKERS,
                         help="sample-making processes per run on a GPU (fewer when several "
                              "sweeps share a host)")
+    parser.add_argument("--points", type=lambda t: tuple(t.split(",")),
+                        help="family:d:f,... the models to train instead of the grid of "
+                             "--models x --hidden-sizes x --feature-dims (f defaults to the "
+                             "first feature dim; each at every --lr)")
     parser.add_argument("--shard", default="0/1",
                         help="i/n: run every n-th model from the i-th (one shard per GPU)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at once, each a child process with OMP_NUM_THREADS=1 (unless "
+                             "set), its own log and the GPU running the fewest; the rows are "
+                             "merged into --out (default 1: one after the other, in this process)")
+    parser.add_argument("--gpus", type=lambda t: [g for g in t.split(",") if g],
+                        help="with --parallel: the GPUs to spread the runs over, as "
+                             "CUDA_VISIBLE_DEVICES names them (default: every visible one)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="checkpoints while a run lasts (default: next to --out)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # --parallel's
     return parser
 
 
@@ -250,14 +341,56 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
         "steps": args.steps or base.steps, "batch_size": args.batch_size or base.batch_size,
         "lrs": args.lrs or base.lrs, "examples": args.examples or base.examples,
         "max_minutes": args.max_minutes if args.max_minutes is not None else base.max_minutes})
+    settings = {}
+    if args.points:
+        if args.models or args.hidden_sizes or args.feature_dims:
+            raise SystemExit("--points names every model: leave out --models, --hidden-sizes "
+                             "and --feature-dims")
+        points = [_point(text, chosen.feature_dims[0]) for text in args.points]
+        chosen = dataclasses.replace(
+            chosen, families=tuple(dict.fromkeys(m.family for m in points)),
+            hidden_sizes=tuple(dict.fromkeys(m.hidden_size for m in points)),
+            feature_dims=tuple(dict.fromkeys(m.feature_dim for m in points)))
+        settings["points"] = [f"{m.family}:{m.hidden_size}:{m.feature_dim}" for m in points]
+        grid = [(model, lr) for model in points for lr in chosen.lrs]
+    else:
+        grid = _grid(chosen)
     unknown = set(chosen.families) - set(FAMILIES)
     if unknown:
         raise SystemExit(f"--models: unknown {sorted(unknown)}; choose from {', '.join(FAMILIES)}")
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel {args.parallel}: at least 1")
     shard, shards = (int(x) for x in args.shard.split("/"))
-    runs = [(model, lr) for model, lr in _grid(chosen)][shard::shards]
+    runs = grid[shard::shards]
     work_dir = args.work_dir or args.out.parent / f".{args.out.stem}-work"
-    sweep = Sweep(args.out, experiment, {**dataclasses.asdict(chosen), "shard": args.shard},
-                  chosen.max_minutes)
+    if args.parallel > 1:
+        gpus = visible_gpus(args.gpus)
+        settings.update(parallel=args.parallel, gpus=gpus)
+    sweep = Sweep(args.out, experiment,
+                  {**dataclasses.asdict(chosen), "shard": args.shard, **settings},
+                  chosen.max_minutes, logs=not args.child)
+    if args.parallel > 1:
+        def command(model: Model, lr: float, out: Path, work: Path) -> list[str]:
+            """This driver for the one run, with the sweep's settings spelled out."""
+            return [sys.executable, "-m", f"megatron_jrt.evals.experiments.{experiment}",
+                    *(["--tiny"] if args.tiny else []), "--child",
+                    "--points", f"{model.family}:{model.hidden_size}:{model.feature_dim}",
+                    "--lr", repr(lr), "--vocab-size", str(chosen.task["vocab_size"]),
+                    "--steps", str(chosen.steps), "--batch-size", str(chosen.batch_size),
+                    "--examples", str(chosen.examples), "--data-workers", str(args.data_workers),
+                    "--out", str(out), "--work-dir", str(work)]
+
+        print(f"{len(runs)} runs, {args.parallel} at a time "
+              f"{'on GPUs ' + ','.join(gpus) if gpus else 'on the CPU'}; logs in "
+              f"{sweep.log_path(*runs[0]).parent if runs else '-'}", flush=True)
+        data = sweep.run_children(runs, command, parallel=args.parallel, gpus=gpus,
+                                  work_dir=work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if data["failed"]:
+            raise SystemExit(f"{len(data['failed'])} of {len(runs)} runs failed: "
+                             + ", ".join(f"{f['name']} lr {f['lr']:g} ({f['log']})"
+                                         for f in data["failed"]))
+        return data
 
     def one_run(item) -> dict:
         model, lr = item
@@ -270,6 +403,18 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
     data = sweep.run(runs, one_run)
     shutil.rmtree(work_dir, ignore_errors=True)
     return data
+
+
+def _point(text: str, feature_dim: int) -> Model:
+    """--points' family:d[:f]."""
+    parts = text.split(":")
+    try:
+        if parts[0] not in FAMILIES or len(parts) not in (2, 3):
+            raise ValueError
+        return Model(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else feature_dim)
+    except ValueError:
+        raise SystemExit(f"--points: {text!r} is not family:d:f with a family of "
+                         f"{', '.join(FAMILIES)} (e.g. jrt:36:4)") from None
 
 
 def _grid(setup: Setup) -> list[tuple[Model, float]]:

@@ -1,0 +1,87 @@
+"""A recall sweep's --parallel: each run a child process of the driver, the rows merged into
+the one JSON the in-process sweep writes; a failed child is recorded and the others finish."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_jrt.config import PRESETS
+from tests.multiproc import launch
+
+pytestmark = pytest.mark.skipif("based-tiny" not in PRESETS,
+                                reason="needs the Based preset (megatron_jrt/config.py)")
+
+
+def _sweep(argv: list[str]) -> dict:
+    from megatron_jrt.evals.experiments import set_disjointness
+
+    set_disjointness.main(argv)
+    return json.loads(open(argv[argv.index("--out") + 1]).read())
+
+
+def _summary(run: dict) -> tuple:
+    return (run["name"], run["state_size"], [c["accuracy"] for c in run["cells"]],
+            [step for step, _ in run["loss_curve"]])
+
+
+def test_parallel_children_write_the_in_process_sweeps_rows(tmp_path, capsys):
+    tiny = ["--tiny", "--models", "jrt,based"]
+    alone = launch(_sweep, 1, [*tiny, "--out", str(tmp_path / "one.json")], in_process=True)[0]
+    capsys.readouterr()
+    # launch sets a rank's variables (MASTER_PORT...): the children must not share them
+    merged = launch(_sweep, 1, [*tiny, "--parallel", "2", "--out", str(tmp_path / "two.json")],
+                    in_process=True)[0]
+    printed = capsys.readouterr().out
+    assert [_summary(r) for r in merged["runs"]] == [_summary(r) for r in alone["runs"]]
+    assert [r["name"] for r in merged["runs"]] == ["jrt-d32-f4", "based-d32-f4"]
+    for mine, theirs in zip(merged["runs"], alone["runs"]):
+        assert mine["final_loss"] == pytest.approx(theirs["final_loss"], abs=1e-3)
+    assert (merged["experiment"], merged["device"], merged["skipped"], merged["failed"]) == (
+        "set_disjointness", "CPU", [], [])
+    assert merged["settings"] == {**alone["settings"], "parallel": 2, "gpus": []}
+    assert "2 runs, 2 at a time on the CPU" in printed
+    assert printed.count("/2] ") == 2 and "] jrt-d32-f4 lr 0.003: state" in printed
+    logs = sorted(p.name for p in (tmp_path / "two-logs").glob("*.log"))
+    assert logs == ["based-d32-f4-lr0.003.log", "jrt-d32-f4-lr0.003.log"]
+    training_log = (tmp_path / "two-logs" / logs[0]).read_text()
+    assert "model.preset: based-tiny" in training_log
+    assert not (tmp_path / ".two-work").exists()
+
+
+def test_a_failed_child_is_recorded_the_others_finish_and_the_exit_is_non_zero(tmp_path,
+                                                                                capsys):
+    out = tmp_path / "sd.json"
+    with pytest.raises(SystemExit, match=r"1 of 2 runs failed: jrt-d33-f4 lr 0.003 \("):
+        launch(_sweep, 1, ["--tiny", "--points", "jrt:33:4,based:32:4", "--parallel", "2",
+                           "--out", str(out)], in_process=True)
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["runs"]] == ["based-d32-f4"]
+    assert data["runs"][0]["loss_curve"]
+    [failed] = data["failed"]
+    assert (failed["name"], failed["returncode"]) == ("jrt-d33-f4", 1)
+    assert "hidden_size 33 is not divisible by num_heads 2" in failed["error"]
+    assert failed["log"] == str(tmp_path / "sd-logs" / "jrt-d33-f4-lr0.003.log")
+    assert "ConfigError" in open(failed["log"]).read()
+    assert "jrt-d33-f4 lr 0.003: FAILED (exit 1)" in capsys.readouterr().out
+
+
+def test_points_budget_and_bad_options_start_no_child(tmp_path, capsys):
+    out = tmp_path / "sd.json"
+    data = launch(_sweep, 1, ["--tiny", "--points", "jrt:32:4,transformer:32", "--parallel", "2",
+                              "--max-minutes", "0", "--out", str(out)], in_process=True)[0]
+    assert data["runs"] == data["failed"] == []
+    # f defaults to the first feature dim; past the budget every run is listed as skipped
+    assert data["skipped"] == ["jrt-d32-f4 lr 0.003", "transformer-d32 lr 0.003"]
+    assert data["settings"]["points"] == ["jrt:32:4", "transformer:32:4"]
+    assert "skipping 2 runs" in capsys.readouterr().out
+    for argv, message in [(["--points", "jrt:32:4", "--models", "jrt"], "leave out --models"),
+                          (["--points", "rwkv:32:4"], "'rwkv:32:4' is not family:d:f"),
+                          (["--points", "jrt:32:4", "--parallel", "0"], "at least 1"),
+                          (["--points", "jrt:32:4", "--parallel", "2", "--gpus", "0"],
+                           "no GPU is visible")]:
+        if "--gpus" in argv and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit, match=message):
+            _sweep(["--tiny", *argv, "--out", str(out)])
