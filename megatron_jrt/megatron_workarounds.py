@@ -44,6 +44,27 @@ def init_torch_adam_state(optimizer) -> None:
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
 
 
+def _own_offloaded_steps(optimizer) -> None:
+    """After a load, give each host-side parameter of a HybridDeviceOptimizer (CPU offload) its
+    own Adam "step" tensor.
+
+    megatron's load sets one "step" tensor into every parameter's state, and the offload
+    optimizer's move of its state to the host (`.to("cpu")`) keeps that one tensor, so torch's
+    AdamW, which increments each parameter's count in place, would advance it once per
+    parameter per step and skew the bias correction from the first update after a resume
+    (seen on an H200: that update 2e-4 off the straight run's). The GPU side gets copies.
+    """
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    hybrid = getattr(optimizer, "optimizer", None)
+    if not isinstance(hybrid, HybridDeviceOptimizer):
+        return
+    for inner in hybrid.sub_optimizers:
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()  # the dict is also the HDO's state entry
+
+
 def load_optimizer_state(optimizer, state) -> None:
     """optimizer.load_state_dict, around a megatron 0.16 bug with torch Adam (no apex/TE).
 
@@ -60,6 +81,7 @@ def load_optimizer_state(optimizer, state) -> None:
         if not (isinstance(sub, DistributedOptimizer) and _torch_adam(sub) is not None
                 and sub_state.get("param_state_sharding_type") == "fully_reshardable"):
             sub.load_state_dict(sub_state)
+            _own_offloaded_steps(sub)
             continue
         sub_state = dict(sub_state)
         param_state = sub_state.pop("param_state")
