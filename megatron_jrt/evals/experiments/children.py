@@ -1,7 +1,8 @@
-"""The child processes of a sweep run with --parallel: one run each, a lone rank, on one GPU.
+"""The child processes of an experiment run with --parallel: one run each, a lone rank, one GPU.
 
-Tiny recall models leave a GPU mostly idle, so several runs share one; each child is the same
-sweep driver restricted to one run (runner.Sweep.run_children starts, polls and merges them).
+Tiny recall models leave a GPU mostly idle, so several runs share one, and the LM-quality
+models train one per GPU; each child is the same driver restricted to one run
+(runner.Sweep.run_children and lm_quality.run_children start, poll and merge them).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 
 @dataclass
 class Child:
-    """One run of `Sweep.run_children`: its process, log and JSON."""
+    """One child run: its process, log and JSON (the driver's schema, one row in "runs")."""
 
     proc: subprocess.Popen
     log: Path

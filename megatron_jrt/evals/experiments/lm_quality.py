@@ -33,18 +33,15 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_jrt.evals.experiments.children import Child, visible_gpus
 from megatron_jrt.evals.recall_prompts import TEMPLATES  # ("default", "jrt"): JRT-Prompt
 
 FAMILIES = ("jrt", "based", "transformer")
-# What a launcher tells a rank; each model here is a lone rank whatever started the driver.
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 
 @dataclass(frozen=True)
@@ -394,48 +391,38 @@ class Results:
 
 def run_children(args: argparse.Namespace, setup: Setup, data, results: Results,
                  log_dir: Path) -> None:
-    """Each family as a child process of this driver, `--parallel` at once, one GPU each (the
-    GPU running the fewest); a failed child is listed in "failed", the others go on."""
-    import torch
-
-    gpus = args.gpus or ([str(i) for i in range(torch.cuda.device_count())]
-                         if torch.cuda.is_available() else [])
-    pending, running = list(args.families), {}  # family -> (process, gpu, out)
+    """Each family as a child process of this driver (`children.Child`: a lone rank,
+    OMP_NUM_THREADS=1 unless set), `--parallel` at once, one GPU each (the GPU running the
+    fewest); a failed child is listed in "failed", the others go on."""
+    pending, running = list(args.families), {}  # family -> Child
+    gpus = visible_gpus(args.gpus)
     try:
         while pending or running:
             while pending and len(running) < args.parallel:
                 family = pending.pop(0)
-                gpu = min(gpus, key=[g for _, g, _ in running.values()].count) if gpus else None
+                gpu = min(gpus, key=[c.gpu for c in running.values()].count) if gpus else None
                 out = args.work_dir / "children" / f"{family}.json"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.unlink(missing_ok=True)
-                env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-                if gpu is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = gpu
-                with open(log_dir / f"{family}.log", "w") as log:
-                    process = subprocess.Popen(
-                        child_argv(args, setup, data, family, out), stdout=log,
-                        stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-                running[family] = (process, gpu, out)
+                running[family] = Child.start(child_argv(args, setup, data, family, out),
+                                              log_dir / f"{family}.log", out, gpu)
                 print(f"{family}: started{' on GPU ' + gpu if gpu else ''}", flush=True)
             time.sleep(1)
-            for family, (process, gpu, out) in list(running.items()):
-                if process.poll() is None:
+            for family, child in list(running.items()):
+                if child.proc.poll() is None:
                     continue
                 del running[family]
-                rows = json.loads(out.read_text())["runs"] if out.is_file() else []
-                if process.returncode == 0 and len(rows) == 1:
-                    results.add(rows[0])
-                    print(summary(rows[0]), flush=True)
+                row, failure = child.result()
+                if row is not None:
+                    results.add(row)
+                    print(summary(row), flush=True)
                 else:
-                    results.fail({"family": family, "returncode": process.returncode,
-                                  "log": str(log_dir / f"{family}.log")})
-                    print(f"{family}: FAILED (exit {process.returncode}); log "
-                          f"{log_dir / f'{family}.log'}", flush=True)
+                    results.fail({"family": family, **failure, "log": str(child.log)})
+                    print(f"{family}: FAILED (exit {failure['returncode']}): "
+                          f"{failure['error']}; log {child.log}", flush=True)
     finally:
-        for process, _, _ in running.values():  # interrupted: end the children we started
-            process.terminate()
-            process.wait()
+        for child in running.values():  # interrupted: end the children we started
+            child.stop()
 
 
 def child_argv(args: argparse.Namespace, setup: Setup, data, family: str, out: Path
