@@ -320,16 +320,9 @@ def exit_status(run_dir: Path, rc: int, expected: int = 0) -> None:
 
 def read_losses(run_dir: Path) -> dict[int, float]:
     """losses.jsonl as {step: loss} (a torn last line of a killed run is left out)."""
-    path = run_dir / "losses.jsonl"
-    out = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            out[row["step"]] = row["loss"]
-    return out
+    from megatron_jrt.runlog import LOSSES_FILE, read_losses as loss_rows
+
+    return {row["step"]: row["loss"] for row in loss_rows(run_dir / LOSSES_FILE)}
 
 
 SCALARS = ("iteration-time", "mfu", "mem-max-allocated-bytes")  # megatron_jrt/metrics.py tags

@@ -34,6 +34,12 @@ class LaunchEnv:
     source: str  # "torchrun", "slurm" or "single"
 
 
+# What a launcher tells a rank (torchrun's variables, then Slurm's task ones; `read_launch_env`
+# reads them): a process started without them is a lone rank, whatever launched its parent.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+
+
 def read_launch_env(environ=None) -> LaunchEnv:
     """Read rank/world/local rank/master from torchrun variables, else Slurm, else defaults."""
     env = os.environ if environ is None else environ

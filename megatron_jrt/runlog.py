@@ -20,6 +20,7 @@ from megatron_jrt.fsutil import atomic_write_bytes
 
 LOG_FILE = "train.log"
 EXIT_FILE = "exit.json"
+LOSSES_FILE = "losses.jsonl"  # one JSON row per step: step, loss and its terms
 
 
 class _Tee:
@@ -99,6 +100,18 @@ def write_exit(run_dir: Path, code: ExitCode, message: str) -> None:
         atomic_write_bytes(Path(run_dir) / EXIT_FILE, (json.dumps(body) + "\n").encode())
     except OSError:
         pass
+
+
+def read_losses(path: Path) -> list[dict]:
+    """The rows of ``losses.jsonl`` in order (none when it is absent), without the torn last
+    line a killed run can leave."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 def truncate_losses(path: Path, step: int) -> None:

@@ -164,7 +164,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
     from megatron_jrt.metrics import MetricsLogger
     from megatron_jrt.model import build_model
     from megatron_jrt.platform import current_device
-    from megatron_jrt.runlog import truncate_losses
+    from megatron_jrt.runlog import LOSSES_FILE, truncate_losses
     from megatron_jrt.training.engines import build_engine
     from megatron_jrt.training.preflight import open_data
     from megatron_jrt.training.resume import restore_data_position, resume_notice
@@ -245,7 +245,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
 
     device = current_device()
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_length
-    losses_file = run_dir / "losses.jsonl" if _is_logging_rank() else None
+    losses_file = run_dir / LOSSES_FILE if _is_logging_rank() else None
     if losses_file is not None:
         truncate_losses(losses_file, result.start_step)  # steps after it are trained again
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-# What a launcher tells a rank; a child is a lone rank whatever launched the sweep.
-_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+from megatron_jrt.distributed import LAUNCHER_VARIABLES
+
 
 
 @dataclass
@@ -32,7 +31,7 @@ class Child:
 
     @classmethod
     def start(cls, argv: list[str], log: Path, out: Path, gpu: str | None) -> "Child":
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
         env.setdefault("OMP_NUM_THREADS", "1")
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu

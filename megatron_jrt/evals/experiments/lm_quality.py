@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_jrt.evals.experiments.children import Child, visible_gpus
-from megatron_jrt.evals.recall_prompts import TEMPLATES  # ("default", "jrt"): JRT-Prompt
+from megatron_jrt.evals.recall_prompts import TEMPLATES
+from megatron_jrt.runlog import LOSSES_FILE, read_losses  # ("default", "jrt"): JRT-Prompt
 
 FAMILIES = ("jrt", "based", "transformer")
 
@@ -128,8 +129,7 @@ def train_and_score(family: str, setup: Setup, data, *, work_dir: Path, data_wor
         recall = recall_scores(run_dir / "ckpt", setup)
     finally:
         destroy_distributed()
-    losses = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()
-              if line.strip()]
+    losses = read_losses(run_dir / LOSSES_FILE)
     tokens_per_step = setup.global_batch_size * setup.seq_length
     # What training measured, kept beside the checkpoint: a rerun that finds the run done
     # (resume: auto, nothing left to train) reports the same.
