@@ -33,15 +33,49 @@ def init_torch_adam_state(optimizer) -> None:
     """
     for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = _torch_adam(wrapper)
-        if inner is None:
+        if inner is not None:
+            _zero_adam_state(inner, device_steps=False)
+
+
+def init_offload_adam_state(optimizer) -> None:
+    """Give the HybridDeviceOptimizer's torch AdamWs (CPU offload) the state their first step
+    would create.
+
+    The same need as `init_torch_adam_state`: megatron's DistributedOptimizer.state_dict(),
+    which a checkpoint load calls before loading, reads every parameter's "step" when neither
+    apex nor TE is installed, and a fresh HybridDeviceOptimizer has none (megatron's own
+    remedy, a step on random gradients, comes later in the load). Step 0 and zero moments are
+    what torch's AdamW starts from, so the updates do not change; the memory is what the first
+    step allocates anyway.
+    """
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    for chained in optimizer.chained_optimizers:
+        hybrid = chained.optimizer
+        if not isinstance(hybrid, HybridDeviceOptimizer):
             continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param.data)
-                    state["exp_avg_sq"] = torch.zeros_like(param.data)
+        for sub in hybrid.sub_optimizers:
+            if isinstance(sub, (torch.optim.Adam, torch.optim.AdamW)):
+                _zero_adam_state(sub, device_steps=True)
+        hybrid._sync_sub_optimizers_state_to_hdo()
+
+
+def _zero_adam_state(adam: torch.optim.Optimizer, device_steps: bool) -> None:
+    """Step 0 and zero moments for each parameter of torch Adam `adam` that has no state yet.
+
+    `device_steps`: a fused or capturable group's step count as a float32 tensor beside its
+    parameter, as those kernels keep it; otherwise (and always without it) a CPU scalar.
+    """
+    for group in adam.param_groups:
+        on_device = device_steps and (group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = adam.state[param]
+            if state:
+                continue
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=param.device)
+                             if on_device else torch.tensor(0.0))
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def _own_offloaded_steps(optimizer) -> None:

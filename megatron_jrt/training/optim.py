@@ -21,6 +21,8 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_model_config
 
+from megatron_jrt.megatron_workarounds import init_offload_adam_state
+
 
 def build_optimizer(
     model_chunks,
@@ -95,7 +97,7 @@ def build_optimizer(
             if chained.optimizer is not None:  # None: no parameters of this class here
                 _own_steps(chained.optimizer, fused=fused_adam)
     if megatron_optimizer.USING_PYTORCH_OPTIMIZER and cpu_offload:
-        _init_offload_state(optimizer)
+        init_offload_adam_state(optimizer)
     if cpu_offload:
         _allow_offload_classes_in_checkpoints(optimizer)
     get_model_config(model_chunks[0]).grad_scale_func = optimizer.scale_loss
@@ -168,38 +170,6 @@ def _precision_aware(config: OptimizerConfig) -> None:
     assert config.main_params_dtype == torch.float32 and config.fp8_recipe is None
     config.use_precision_aware_optimizer = True
     config.use_precision_aware_optimizer_no_fp8_or_ds_fp8 = True
-
-
-def _init_offload_state(optimizer) -> None:
-    """Give the HybridDeviceOptimizer's torch AdamWs the state their first step would create.
-
-    megatron's DistributedOptimizer.state_dict(), which a checkpoint load calls before loading,
-    reads every parameter's "step" when neither apex nor TE is installed, and a fresh
-    HybridDeviceOptimizer has none (megatron's own remedy, a step on random gradients, comes
-    later in the load). Step 0 and zero moments are what torch's AdamW starts from, so the
-    updates do not change; the memory is what the first step allocates anyway.
-    """
-    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
-
-    for chained in optimizer.chained_optimizers:
-        hybrid = chained.optimizer
-        if not isinstance(hybrid, HybridDeviceOptimizer):
-            continue
-        for sub in hybrid.sub_optimizers:
-            if not isinstance(sub, (torch.optim.Adam, torch.optim.AdamW)):
-                continue
-            for group in sub.param_groups:
-                on_device = group.get("fused") or group.get("capturable")
-                for param in group["params"]:
-                    state = sub.state[param]
-                    if state:
-                        continue
-                    state["step"] = (torch.zeros((), dtype=torch.float32, device=param.device)
-                                     if on_device else torch.tensor(0.0))
-                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(param,
-                                                           memory_format=torch.preserve_format)
-        hybrid._sync_sub_optimizers_state_to_hdo()
 
 
 def _allow_offload_classes_in_checkpoints(optimizer) -> None:
