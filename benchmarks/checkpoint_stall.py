@@ -9,7 +9,8 @@ mock tokens) twice in one process: saving synchronously, then in the background,
 use; it is emptied before and after). Per save it prints the stall that training sees (the
 wall time from the start of the save's step to the start of the next step, minus the median of
 that time over steps without a save or a publication), the saver's own split of it (capture:
-state dicts, the distributed optimizer's gather over DP ranks, planning, the small files; copy:
+state dicts, the distributed optimizer's gather over DP ranks, planning, the small files, and of
+it the state dicts with the gather alone; copy:
 device -> host and the start of the writer), the wait for a previous save, the write time
 (synchronous: in the stall; background: from the copy to the step boundary that found every
 rank done), the step it was published at and that step's excess (the publication's own
@@ -30,7 +31,7 @@ import torch
 
 
 def _run(args, mode: str) -> dict:
-    import megatron_jrt.checkpoint as checkpoint
+    import megatron_jrt.training.engines.megatron_engine as engine_module
     import megatron_jrt.training.step as step_module
     from megatron_jrt.distributed import init_distributed, read_launch_env
     from megatron_jrt.train import train
@@ -59,17 +60,17 @@ def _run(args, mode: str) -> dict:
         starts.append(time.perf_counter())
         return train_step(*a, **k)
 
-    class RecordingSaver(checkpoint.CheckpointSaver):
+    class RecordingSaver(engine_module.CheckpointSaver):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             savers.append(self)
 
-    step_module.train_step, saver_class = timed_train_step, checkpoint.CheckpointSaver
-    checkpoint.CheckpointSaver = RecordingSaver
+    step_module.train_step, saver_class = timed_train_step, engine_module.CheckpointSaver
+    engine_module.CheckpointSaver = RecordingSaver
     try:
         train(cfg)
     finally:
-        step_module.train_step, checkpoint.CheckpointSaver = train_step, saver_class
+        step_module.train_step, engine_module.CheckpointSaver = train_step, saver_class
     size = _checkpoint_size(save_dir)
     _remove(save_dir)
     _remove(Path(f"{save_dir}_run"))
@@ -113,14 +114,14 @@ def _report(args, rows: list[dict]) -> None:
     print(f"\n{args.preset}, DP={world}, distributed optimizer, micro batch {args.micro_batch} x "
           f"{args.seq_length} tokens, {device}, checkpoint {rows[0]['size'] / 1e9:.2f} GB, "
           f"save every {args.save_interval} steps into {args.save_dir}")
-    print(f"{'mode':<7}{'step':>6}{'stall s':>9}{'capture s':>11}{'copy s':>8}{'waited s':>10}"
-          f"{'write s':>9}{'published':>11}{'its stall s':>13}")
+    print(f"{'mode':<7}{'step':>6}{'stall s':>9}{'capture s':>11}{'state dicts s':>15}"
+          f"{'copy s':>8}{'waited s':>10}{'write s':>9}{'published':>11}{'its stall s':>13}")
     for row in rows:
         for t in row["timings"]:
             copy = f"{t.stall_s - t.capture_s:.2f}" if t.background else "-"
             publication = row["publications"].get(t.step)
             print(f"{row['mode']:<7}{t.step:>6}{row['stalls'][t.step]:>9.2f}{t.capture_s:>11.2f}"
-                  f"{copy:>8}{t.waited_s:>10.2f}{t.write_s:>9.2f}"
+                  f"{t.state_dict_s:>15.2f}{copy:>8}{t.waited_s:>10.2f}{t.write_s:>9.2f}"
                   f"{'step ' + str(t.published_at_step):>11}"
                   f"{'-' if publication is None else f'{publication:.2f}':>13}")
     for row in rows:

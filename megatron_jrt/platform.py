@@ -141,20 +141,6 @@ def ensure_platform() -> None:
     _applied = True
 
 
-def is_cpu_platform() -> bool:
-    """True when megatron-core runs on CPU here (the accommodations are, or will be, active)."""
-    return not _REAL_TORCH.cuda.is_available()
-
-
-def distributed_optimizer_checkpoint_metadata() -> dict:
-    """Extra metadata for the distributed optimizer's sharded state dict.
-
-    Its fully reshardable format gathers the state with an all-gather that calls ``.cuda()``;
-    without CUDA it must take the memory-efficient path (a gather to data-parallel rank 0).
-    """
-    return {"distrib_optim_fully_reshardable_mem_efficient": is_cpu_platform()}
-
-
 def current_device() -> _REAL_TORCH.device:
     """The device this rank computes on: its GPU, or the CPU."""
     if _REAL_TORCH.cuda.is_available():

@@ -228,12 +228,14 @@ def gpt_forward_step(data_iterator, model):
     import torch
 
     tokens, labels = next(data_iterator)
-    position_ids = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    position_ids = positions.unsqueeze(0).expand_as(tokens)
     output = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token loss
 
     def loss_func(per_token_loss):
         loss = per_token_loss.float().sum()
-        num_tokens = torch.tensor(per_token_loss.numel(), dtype=torch.int)
+        num_tokens = torch.tensor(per_token_loss.numel(), dtype=torch.int,
+                                  device=per_token_loss.device)
         report = torch.cat([loss.detach().view(1), num_tokens.view(1).float()])
         return loss, num_tokens, {"lm loss": report}
 

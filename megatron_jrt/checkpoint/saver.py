@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from megatron_jrt.checkpoint.state import SaveInProgress, start_save
+from megatron_jrt.checkpoint.state import SaveInProgress, SavePlanner, start_save
 from megatron_jrt.checkpoint.store import CheckpointError
 from megatron_jrt.megatron_workarounds import (deaf_to_stop_signals, join_background_writes,
                                                kill_background_writes)
@@ -47,6 +47,7 @@ class SaveTiming:
     background: bool  # written by a background process (async_save)
     waited_s: float  # for the previous save to be published first
     capture_s: float  # state dicts (the optimizer's gather too), planning, the small files
+    state_dict_s: float  # of capture_s: the state dicts
     stall_s: float  # the training thread in save(), waiting excluded (capture included)
     write_s: float | None = None  # after the capture until published (background: as seen
     # at step boundaries, so up to a step too long)
@@ -71,6 +72,7 @@ class CheckpointSaver:
                          "keep_every": keep_every}
         self._async = async_save
         self._queue = None  # megatron's AsyncCallsQueue, made at the first background save
+        self._planner: SavePlanner | None = None  # made at the first save
         self._pending: tuple[SaveInProgress, SaveTiming, float] | None = None
         self._step = 0  # the last step boundary seen
         self._serial = next(_SAVERS)
@@ -89,12 +91,14 @@ class CheckpointSaver:
         entered = time.perf_counter()
         self.finish()
         started = time.perf_counter()
+        self._planner = self._planner or SavePlanner()
         saving = start_save(self._save_dir, step, *self._run, data_state=data_state,
                             consumed_samples=consumed_samples, consumed_tokens=consumed_tokens,
-                            **self._options)
+                            planner=self._planner, **self._options)
         captured = time.perf_counter()
         timing = SaveTiming(step=step, background=self._async and self._fits_host_memory(saving),
-                            waited_s=started - entered, capture_s=captured - started, stall_s=0.0)
+                            waited_s=started - entered, capture_s=captured - started,
+                            state_dict_s=saving.state_dict_s, stall_s=0.0)
         self.timings.append(timing)
         if timing.background:
             self._schedule(saving)
@@ -103,7 +107,8 @@ class CheckpointSaver:
             waited = (f", after {timing.waited_s:.2f} s waiting for the previous save"
                       if timing.waited_s >= 0.01 else "")
             _print(f"checkpoint of step {step}: training stalled {timing.stall_s:.2f} s "
-                   f"(capture {timing.capture_s:.2f} s, device->host copy and writer start "
+                   f"(capture {timing.capture_s:.2f} s, of which state dicts "
+                   f"{timing.state_dict_s:.2f} s; device->host copy and writer start "
                    f"{timing.stall_s - timing.capture_s:.2f} s){waited}; writing it in the "
                    "background")
             return

@@ -1,8 +1,8 @@
 """Capture and restore a run's state with megatron-core dist_checkpointing (collective calls).
 
 What a checkpoint restores: model tensors (megatron ShardedTensors), the distributed
-optimizer's state in megatron's ``fully_reshardable`` format (gathered over DP at save, one
-tensor per parameter state with the parameter's own sharding in model space; megatron 0.16's
+optimizer's state in megatron's ``fully_reshardable`` format (gathered over DP at save, on the
+device: ``optimizer_gather``; one tensor per parameter state with the parameter's own sharding in model space; megatron 0.16's
 ``fully_sharded_model_space`` fails with "flattened_range is not supported"), so a checkpoint
 loads into any TP/PP/DP layout; the LR scheduler; step, consumed samples and tokens; and per
 rank the RNG states and the data reader's position. Those per-rank parts are restored only
@@ -15,10 +15,12 @@ too little free space) is agreed before anyone acts on it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,11 +30,12 @@ import numpy as np
 import torch
 
 from megatron_jrt.checkpoint import store
+from megatron_jrt.checkpoint.optimizer_gather import gathering_on_device
 from megatron_jrt.checkpoint.store import METADATA, RANK_STATE_DIR, CheckpointError
 from megatron_jrt.distributed import agree, on_rank0
 from megatron_jrt.fsutil import atomic_write_bytes, sha256_file
 from megatron_jrt.megatron_workarounds import init_torch_adam_state, load_optimizer_state
-from megatron_jrt.platform import distributed_optimizer_checkpoint_metadata
+from megatron_jrt.platform import current_device
 
 OPTIMIZER_SHARDING = "fully_reshardable"  # model-space tensors: reshard across TP, PP, DP
 _HASHES = ".sha256"  # the writers' hashes, inside a checkpoint's tmp folder until publication
@@ -93,10 +96,12 @@ def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool) -> dict:
     if optimizer is not None:
         if is_loading:
             init_torch_adam_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(
-            state, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING,
-                      **distributed_optimizer_checkpoint_metadata()})
+        gather = (contextlib.nullcontext() if is_loading
+                  else gathering_on_device(optimizer, current_device()))
+        with gather:
+            state["optimizer"] = optimizer.sharded_state_dict(
+                state, is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING})
     return state
 
 
@@ -185,6 +190,35 @@ class SaveInProgress:
     path: Path  # the published name, save_dir/step_XXXXXXX
     request: Any = None
     size: int = 0  # bytes of the checkpoint, known on rank 0 once published
+    state_dict_s: float = 0.0  # building the sharded state dicts (the optimizer's gather too)
+
+
+class SavePlanner:
+    """megatron's save strategy for every save of one run (fully parallel over DP ranks).
+
+    A run's checkpoints all have one structure (the same tensors, shapes and shardings), so
+    the first save plans it (which rank writes what, the files' metadata; the sharding
+    checked for gaps and overlaps) and later saves reuse that plan, as Megatron-LM's
+    ``--ckpt-assume-constant-structure`` does.
+    """
+
+    def __init__(self, fully_parallel: bool = True):
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing.serialization import (
+            get_default_save_sharded_strategy,
+        )
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+
+        strategy = get_default_save_sharded_strategy()
+        strategy.use_cached_ckpt_structure = True
+        if fully_parallel:
+            strategy = FullyParallelSaveStrategyWrapper(
+                strategy, parallel_state.get_data_parallel_group(with_context_parallel=True),
+                do_cache_distribution=True)
+        self.strategy = strategy
+        self.planned = False  # a save has planned (and validated) the structure
 
 
 def prepare_save_dir(save_dir: Path, tmp: Path) -> None:
@@ -205,7 +239,7 @@ def prepare_save_dir(save_dir: Path, tmp: Path) -> None:
 def start_save(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler, *,
                config_dict: dict, data_state: dict | None, consumed_samples: int,
                consumed_tokens: int, keep_last: int = 0, keep_every: int = 0,
-               fully_parallel: bool = True) -> SaveInProgress:
+               planner: SavePlanner | None = None) -> SaveInProgress:
     """Capture the state of `step` into `save_dir/.tmp_step_XXXXXXX` (collective).
 
     Written now: the scheduler, step and counters (common.pt) and this rank's RNG states
@@ -215,28 +249,26 @@ def start_save(save_dir: str | Path, step: int, model_chunks, optimizer, schedul
     saves are removed (so call it only when no other save of this run is in progress). The
     publication appended to the request writes checkpoint.json, renames, points `latest`
     at it, and with `keep_last` > 0 deletes older checkpoints except the last `keep_last`
-    and every step divisible by `keep_every` (> 0).
+    and every step divisible by `keep_every` (> 0). `planner`: the run's SavePlanner, whose
+    plan later saves reuse (None: a new one).
     """
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelSaveStrategyWrapper,
-    )
+    from megatron.core import dist_checkpointing
 
+    planner = planner or SavePlanner()
     save_dir = Path(save_dir)
     saving = SaveInProgress(step, save_dir / store.step_dir_name(step))
     tmp = store.tmp_dir(save_dir, step)
     prepare_save_dir(save_dir, tmp)
 
+    started = time.perf_counter()
     state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
     state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     state["step"], state["consumed_samples"] = step, consumed_samples
-    strategy = get_default_save_sharded_strategy()
-    if fully_parallel:
-        strategy = FullyParallelSaveStrategyWrapper(
-            strategy, parallel_state.get_data_parallel_group(with_context_parallel=True), True)
-    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=strategy,
-                                      async_sharded_save=True)
+    saving.state_dict_s = time.perf_counter() - started
+    request = dist_checkpointing.save(state, str(tmp), sharded_strategy=planner.strategy,
+                                      async_sharded_save=True,
+                                      validate_access_integrity=not planner.planned)
+    planner.planned = True
     _write_rank_state(tmp, data_state)  # after save(): it expects an empty folder
 
     fields = {"format_version": store.FORMAT_VERSION, "step": step,
