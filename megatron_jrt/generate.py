@@ -7,6 +7,8 @@ cannot start generation themselves).
 """
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 
 from megatron_jrt.inference import RecurrentDecoder
@@ -34,8 +36,9 @@ def jrt_prompt_extraction(key: str, document: str) -> str:
 
 @torch.no_grad()
 def greedy_generate(model, prompt: list[int], *, prefix_length: int, max_new_tokens: int,
-                    eod_id: int | None = None) -> list[int]:
-    """New token ids after `prompt`, one recurrent step per token (no PP; TP ok)."""
+                    eod_id: int | None = None, stop_ids: Collection[int] = ()) -> list[int]:
+    """New token ids after `prompt`, one recurrent step per token (no PP; TP ok); they end
+    with `eod_id` or one of `stop_ids` when generated."""
     device = next(model.parameters()).device
     decoder = RecurrentDecoder(model, prefix_length)
     was_training = model.training
@@ -47,7 +50,7 @@ def greedy_generate(model, prompt: list[int], *, prefix_length: int, max_new_tok
         for _ in range(max_new_tokens):
             next_id = int(logits[0].argmax())
             new_ids.append(next_id)
-            if next_id == eod_id or len(new_ids) == max_new_tokens:
+            if next_id == eod_id or next_id in stop_ids or len(new_ids) == max_new_tokens:
                 break
             logits = decoder.step(torch.tensor([next_id], device=device))
     finally:

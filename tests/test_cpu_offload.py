@@ -6,7 +6,8 @@ the fraction is in (0, 1] and not set alone); megatron's HybridDeviceOptimizer n
 run stops before step 0 with an error that says so.
 GPU: 20 bf16 steps of jrt-tiny with the whole state offloaded, and with half of it, take the
 losses of the run without offload at lower peak GPU memory; an offloaded run resumed from a
-checkpoint should follow the straight run's losses exactly (a known gap: it does not yet).
+checkpoint follows the straight run's losses (passed on an H200 once each host-side parameter
+got its own Adam step after a load: `megatron_workarounds._own_offloaded_steps`).
 """
 import math
 from pathlib import Path
@@ -127,10 +128,6 @@ def _offload_resume(run_dir: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="H200, 2026-11-30: the first update after resuming an "
-                   "offloaded run was 2e-4 off the straight run's; the fix for the suspected "
-                   "cause (megatron_workarounds._own_offloaded_steps) is not re-run on a GPU "
-                   "yet: remove this mark when it passes")
 def test_offload_resumes_on_the_straight_losses(tmp_path):
     start, resumed, straight = launch(_offload_resume, 1, str(tmp_path), in_process=True)[0]
     assert start == 2 and len(straight) == 4

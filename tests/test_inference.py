@@ -45,6 +45,10 @@ def _recurrent_vs_parallel(tp: int):
                 model(ids, torch.arange(len(text)).unsqueeze(0), None))
             expected.append(int(logits[0, -1].argmax()))
             text.append(expected[-1])
+    stop = expected[2]  # generation ends with the first stop id it generates
+    stopped = greedy_generate(model, prompt, prefix_length=cfg.prefix_length, max_new_tokens=6,
+                              stop_ids={stop})
+    assert stopped == expected[:expected.index(stop) + 1], (stopped, expected)
     return max(errors) / scale, generated, expected
 
 

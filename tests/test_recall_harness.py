@@ -253,6 +253,17 @@ def test_jrt_eval_recall_end_to_end_on_a_checkpoint_and_its_hf_export(tiny_model
     assert any(r["output"].strip() for r in predictions[0])
 
 
+def test_the_recurrent_decoder_stops_at_the_tokens_holding_a_newline(tiny_model):
+    from data_prep.tokenizer import load_tokenizer
+    from megatron_jrt.evals.recall_models import newline_ids
+
+    codec = load_tokenizer(str(tiny_model["tokenizer"]))
+    stops = newline_ids(codec)
+    assert stops and all("\n" in codec.decode([i]) for i in stops)
+    assert set(codec.encode("Name: zlib\nVersion: 1")) & stops
+    assert not set(codec.encode("Name: zlib Version: 1")) & stops
+
+
 def test_jrt_eval_recall_bad_data_is_one_line_exit_2(tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "t", "key": "k", "answer": "a"}\n{"text": "t"}\n')

@@ -7,7 +7,8 @@
 - A Hugging Face directory (jrt-convert's, or any causal LM): `AutoModelForCausalLM`
   with `trust_remote_code=True` and its AutoTokenizer, greedy `generate()` on left-padded
   batches (jrt-generate's batching).
-Both stop at end-of-document or after `MAX_NEW_TOKENS`; the harness cuts at the newline.
+Both stop at end-of-document or after `MAX_NEW_TOKENS`, the recurrent decoder also after a token
+holding a newline; the harness cuts at the newline.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.tokenizer import Tokenizer
 from megatron_jrt.evals.recall import MAX_NEW_TOKENS, Generate
 from megatron_jrt.evals.recall_prompts import Codec
 
@@ -41,16 +43,25 @@ def megatron_generator(checkpoint: str | Path, tokenizer: str | None = None
         raise ValueError(f"--tokenizer {spec}: {codec.vocab_size} ids, the model has "
                          f"{trained.config.vocab_size}; give the tokenizer it was trained with")
 
+    stops = newline_ids(codec)
+
     def generate(prompts: list[str]) -> list[str]:
         completions = []
         for prompt in prompts:
             new_ids = greedy_generate(trained.model, codec.encode(prompt),
                                       prefix_length=trained.config.prefix_length,
-                                      max_new_tokens=MAX_NEW_TOKENS, eod_id=codec.eod_id)
+                                      max_new_tokens=MAX_NEW_TOKENS, eod_id=codec.eod_id,
+                                      stop_ids=stops)
             completions.append(codec.decode([i for i in new_ids if i != codec.eod_id]))
         return completions
 
     return codec, generate
+
+
+def newline_ids(codec: Tokenizer) -> frozenset[int]:
+    """The ids whose text holds a newline: the recurrent decoder stops after one (the harness
+    keeps the output up to the first newline, so the tokens after it are never scored)."""
+    return frozenset(i for i in range(codec.vocab_size) if "\n" in codec.decode([i]))
 
 
 def hf_generator(directory: str | Path, device: str) -> tuple[Codec, Generate]:
