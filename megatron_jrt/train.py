@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     cfg.validate(world_size=torch.distributed.get_world_size())
     # From here on a stop signal waits for a step boundary, also one that comes during start-up.
-    shutdown = ShutdownSignal().install()
+    shutdown = ShutdownSignal(cfg.training.exit_duration_minutes).install()
     try:
         return _start(cfg, shutdown)
     finally:
@@ -362,7 +362,7 @@ def _loop(cfg: TrainConfig, result: TrainResult, train_batches, engine, logger, 
             save(done)  # before evaluating: an evaluation that fails loses no training
         if shutdown.requested():
             result.stopped_by_signal = shutdown.received
-            _print(f"received {shutdown.received}: " + (
+            _print(f"{shutdown.why}: " + (
                 f"checkpointing at step {done} and stopping" if save_dir else
                 f"stopping at step {done} WITHOUT a checkpoint (checkpoint.save_dir is empty)"))
             break

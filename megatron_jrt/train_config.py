@@ -109,6 +109,9 @@ class TrainingSection:
     log_interval: int = 10
     sample_prompt: str = ""
     sample_tokens: int = 0
+    # Stop after this many minutes of wall time (from the start of train()), as a SIGUSR1
+    # would: a checkpoint at the next step boundary, exit 10. 0: no limit.
+    exit_duration_minutes: float = 0.0
     # Fused kernels that compute the same update and losses as the plain path: torch's fused
     # AdamW where megatron falls back to torch AdamW, megatron's SwiGLU and (bf16) cross-entropy
     # fusions (`JRTModelConfig.to_transformer_config`). null: on when training on CUDA;
@@ -421,6 +424,7 @@ def _validate(cfg: TrainConfig, world_size: int | None) -> None:
     }
     non_negative = {
         "data.num_workers", "training.eval_steps", "training.sample_tokens",
+        "training.exit_duration_minutes",
         "optimizer.warmup_steps", "checkpoint.keep_every",
     }
     for key in sorted(positive | non_negative):

@@ -85,3 +85,24 @@ def test_points_budget_and_bad_options_start_no_child(tmp_path, capsys):
             continue
         with pytest.raises(SystemExit, match=message):
             _sweep(["--tiny", *argv, "--out", str(out)])
+
+
+def test_runs_past_their_time_limit_are_scored_at_the_step_they_reached(tmp_path, capsys):
+    out = tmp_path / "sd.json"
+    data = launch(_sweep, 1, ["--tiny", "--points", "jrt:32:4,based:32:4", "--parallel", "2",
+                              "--steps", "100000", "--train-minutes", "0.04", "--out", str(out)],
+                  in_process=True)[0]
+    assert [r["name"] for r in data["runs"]] == ["jrt-d32-f4", "based-d32-f4"]
+    for row in data["runs"]:
+        assert 0 < row["steps_done"] < row["steps"] == 100000, row
+        assert len(row["cells"]) == 4 and row["loss_curve"][-1][0] == row["steps_done"]
+    assert capsys.readouterr().out.count("(time limit: stopped at step ") == 2
+
+
+def test_a_budget_limits_each_runs_training_and_keeps_time_to_score(tmp_path):
+    from megatron_jrt.evals.experiments.runner import Sweep
+
+    budget = Sweep(tmp_path / "a.json", "set_disjointness", {}, max_minutes=2.0)
+    assert budget.time_limit_minutes(0.0) == pytest.approx(1.5, abs=0.01)  # 30 s kept to score
+    assert budget.time_limit_minutes(1.0) == 1.0
+    assert Sweep(tmp_path / "b.json", "mqar", {}, max_minutes=None).time_limit_minutes(0.3) == 0.3

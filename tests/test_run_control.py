@@ -74,6 +74,24 @@ def test_sigterm_without_a_save_dir_says_that_nothing_was_saved(tmp_path):
     assert json.loads((run_dir / "exit.json").read_text())["name"] == "STOPPED_UNSAVED"
 
 
+def test_the_time_limit_checkpoints_and_stops_like_a_signal_and_the_run_resumes(tmp_path):
+    """training.exit_duration_minutes: past it (here at once) the next step boundary saves and
+    the run exits 10, as after SIGUSR1; `resume: auto` goes on from there."""
+    run_dir = tmp_path / "run"
+    limit = {"training.exit_duration_minutes": 1e-5}
+    stopped = subprocess.run(runs.train_cmd(run_dir, **limit), cwd=runs.REPO, env=runs.env(),
+                             timeout=300, capture_output=True, text=True)
+    assert stopped.returncode == ExitCode.STOPPED, stopped
+    reason = "the time limit (training.exit_duration_minutes=1e-05)"
+    assert f"reached {reason}: checkpointing at step 1 and stopping" in stopped.stdout
+    assert f"stopped by {reason} after a checkpoint at step 1" in stopped.stdout
+    resumed = subprocess.run(runs.train_cmd(run_dir, **{"checkpoint.resume": "auto"}),
+                             cwd=runs.REPO, env=runs.env(), timeout=300, capture_output=True,
+                             text=True)
+    assert resumed.returncode == ExitCode.OK, resumed
+    assert sorted(runs.losses(run_dir)) == [1, 2, 3, 4]
+
+
 def test_an_error_is_one_line_with_its_exit_code_and_the_traceback_in_the_run_dir(tmp_path):
     """A checkpoint of another model: CheckpointError, exit 4, one line on the console."""
     first = tmp_path / "first"

@@ -27,6 +27,7 @@ from megatron_jrt.evals.experiments.children import Child, visible_gpus
 FAMILIES = ("jrt", "based", "transformer", "based+jrt-prompt")
 PRESET = {"jrt": "jrt-tiny", "based": "based-tiny", "transformer": "transformer-tiny",
           "based+jrt-prompt": "based-tiny"}
+SCORING_RESERVE_S = 60.0  # of a --max-minutes budget, kept for the last runs' scoring
 # Processes that make the samples ahead of a GPU (~0.1 ms each in Python: 25 ms of a batch of
 # 256, more than a small model's step); none on CPU, where they would compete with training.
 DATA_WORKERS = 4
@@ -64,6 +65,7 @@ class Training:
     seed: int = 1234
     warmup_steps: int = 50
     data_workers: int = DATA_WORKERS  # on a GPU; none on CPU
+    time_limit_minutes: float = 0.0  # > 0: training stops there and the step reached is scored
 
 
 def train_and_evaluate(model: Model, task_params: dict, seq_length: int, training: Training,
@@ -98,7 +100,8 @@ def train_and_evaluate(model: Model, task_params: dict, seq_length: int, trainin
         "optimizer": {"lr": training.lr, "min_lr": training.lr / 10,
                       "warmup_steps": min(training.warmup_steps, training.steps // 2)},
         "training": {"train_steps": training.steps, "seed": training.seed,
-                     "eval_steps": 0, "log_interval": max(1, training.steps // 20)},
+                     "eval_steps": 0, "log_interval": max(1, training.steps // 20),
+                     "exit_duration_minutes": training.time_limit_minutes},
         "checkpoint": {"save_dir": str(run_dir / "ckpt"), "save_interval": training.steps,
                        "keep_last": 1},
         "logging": {"run_dir": str(run_dir), "tensorboard": False, "progress_bar": False},
@@ -118,7 +121,8 @@ def train_and_evaluate(model: Model, task_params: dict, seq_length: int, trainin
     return {**asdict(model), "name": model.name,
             "state_size": state_size(trained.config, task.seq_length),
             "prefix_length": trained.config.prefix_length, "seq_length": task.seq_length,
-            "steps": training.steps, "batch_size": training.batch_size, "lr": training.lr,
+            "steps": training.steps, "steps_done": result.last_step,
+            "batch_size": training.batch_size, "lr": training.lr,
             "final_loss": result.losses[-1], "loss_curve": loss_curve(result.losses),
             "train_seconds": trained_at - started,
             "step_ms": statistics.median(result.step_times) * 1e3,
@@ -144,13 +148,27 @@ class Sweep:
     """
 
     def __init__(self, out: Path, experiment: str, settings: dict, max_minutes: float | None,
-                 *, logs: bool = True):
+                 *, logs: bool = True, train_minutes: float = 0.0):
         self.out, self.max_seconds = out, None if max_minutes is None else 60 * max_minutes
+        self.train_minutes = train_minutes  # each run's own limit (0: none)
         self.logs = logs  # False: the training log stays on stdout (a child's, to its log)
         self.started, self.longest = time.perf_counter(), 0.0
         self.data = {"experiment": experiment, "device": _device(), "settings": settings,
                      "runs": [], "skipped": []}
         out.parent.mkdir(parents=True, exist_ok=True)
+
+    def time_limit_minutes(self, asked: float) -> float:
+        """A run starting now trains at most `asked` minutes (0: no limit), and with a budget
+        no longer than what is left of it after SCORING_RESERVE_S (a budget's last quarter
+        when that is less) for scoring."""
+        if self.max_seconds is None:
+            return asked
+        left = self._seconds_left() / 60
+        return min(asked, left) if asked > 0 else left
+
+    def _seconds_left(self) -> float:
+        reserve = min(SCORING_RESERVE_S, self.max_seconds / 4)
+        return self.max_seconds - reserve - (time.perf_counter() - self.started)
 
     def log_path(self, model: Model, lr: float) -> Path:
         return self.out.parent / f"{self.out.stem}-logs" / f"{model.name}-lr{lr:g}.log"
@@ -178,8 +196,8 @@ class Sweep:
                      gpus: list[str], work_dir: Path, poll_seconds: float = 0.5) -> dict:
         """Each run as a child process, `parallel` at once, within the budget.
 
-        `command(model, lr, out, work_dir) -> argv` trains that one run and writes its sweep
-        JSON to `out`. A child gets OMP_NUM_THREADS=1 unless it is set (a few threads each,
+        `command(model, lr, out, work_dir, minutes) -> argv` trains that one run for at most
+        `minutes` (0: no limit) and writes its sweep JSON to `out`. A child gets OMP_NUM_THREADS=1 unless it is set (a few threads each,
         or children oversubscribe the cores), a rank of its own (a lone process, any free
         port) and, with `gpus`, CUDA_VISIBLE_DEVICES: the GPU running the fewest children,
         the first such in `gpus` order (round-robin while runs take alike). Its stdout and
@@ -204,7 +222,8 @@ class Sweep:
                     log = self.log_path(model, lr)
                     log.parent.mkdir(exist_ok=True)
                     running[index] = Child.start(
-                        command(model, lr, child_dir / "run.json", child_dir / "work"),
+                        command(model, lr, child_dir / "run.json", child_dir / "work",
+                                self.time_limit_minutes(self.train_minutes)),
                         log, child_dir / "run.json", gpu)
                 time.sleep(poll_seconds)
                 for index, child in list(running.items()):
@@ -233,9 +252,12 @@ class Sweep:
         return self.data
 
     def _over_budget(self, rest: list[tuple[Model, float]]) -> bool:
-        """Past the budget with `rest` still to start: list them as skipped and say so."""
+        """Past the budget with `rest` still to start: list them as skipped and say so. A run
+        is not started when the longest so far would end past the budget, or when no time
+        is left to train before the scoring reserve."""
         elapsed = time.perf_counter() - self.started
-        if self.max_seconds is None or elapsed + self.longest <= self.max_seconds:
+        if self.max_seconds is None or (elapsed + self.longest <= self.max_seconds
+                                        and self._seconds_left() > 0):
             return False
         self.data["skipped"] = [f"{m.name} lr {x:g}" for m, x in rest]
         print(f"budget: {elapsed / 60:.1f} of {self.max_seconds / 60:.1f} min used, "
@@ -250,9 +272,11 @@ class Sweep:
 
 def _summary(row: dict) -> str:
     mean = sum(c["accuracy"] for c in row["cells"]) / len(row["cells"])
+    cut = (f" (time limit: stopped at step {row['steps_done']} of {row['steps']})"
+           if row["steps_done"] < row["steps"] else "")
     return (f"{row['name']} lr {row['lr']:g}: state {row['state_size']:,}, mean accuracy "
             f"{mean:.3f}, loss {row['final_loss']:.3f}, {row['step_ms']:.0f} ms/step, "
-            f"{row['seconds']:.0f} s")
+            f"{row['seconds']:.0f} s{cut}")
 
 
 def _device() -> str:
@@ -300,8 +324,13 @@ def sweep_parser(description: str, setup: Setup, tiny: Setup):
                                                        f"{setup.task['vocab_size']})")
     parser.add_argument("--examples", type=int, help="test samples per cell")
     parser.add_argument("--max-minutes", type=float,
-                        help="start no run that would end past this (default: "
+                        help="the sweep's budget: no run starts that would end past it, and a "
+                             "run still training when only the scoring reserve is left stops "
+                             "and is scored at the step it reached (default: "
                              f"{setup.max_minutes})")
+    parser.add_argument("--train-minutes", type=float, default=0.0,
+                        help="each run trains at most this long, then is scored at the step "
+                             "it reached (checkpointed like a SIGUSR1 stop; 0: no limit)")
     parser.add_argument("--data-workers", type=int, default=DATA_WORKERS,
                         help="sample-making processes per run on a GPU (fewer when several "
                              "sweeps share a host)")
@@ -366,11 +395,16 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
     if args.parallel > 1:
         gpus = visible_gpus(args.gpus)
         settings.update(parallel=args.parallel, gpus=gpus)
+    if args.train_minutes < 0:
+        raise SystemExit(f"--train-minutes {args.train_minutes}: at least 0")
     sweep = Sweep(args.out, experiment,
                   {**dataclasses.asdict(chosen), "shard": args.shard, **settings},
-                  chosen.max_minutes, logs=not args.child)
+                  # a child's limit is its --train-minutes: the parent keeps the budget
+                  None if args.child else chosen.max_minutes, logs=not args.child,
+                  train_minutes=args.train_minutes)
     if args.parallel > 1:
-        def command(model: Model, lr: float, out: Path, work: Path) -> list[str]:
+        def command(model: Model, lr: float, out: Path, work: Path, minutes: float
+                    ) -> list[str]:
             """This driver for the one run, with the sweep's settings spelled out."""
             return [sys.executable, "-m", f"megatron_jrt.evals.experiments.{experiment}",
                     *(["--tiny"] if args.tiny else []), "--child",
@@ -378,7 +412,7 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
                     "--lr", repr(lr), "--vocab-size", str(chosen.task["vocab_size"]),
                     "--steps", str(chosen.steps), "--batch-size", str(chosen.batch_size),
                     "--examples", str(chosen.examples), "--data-workers", str(args.data_workers),
-                    "--out", str(out), "--work-dir", str(work)]
+                    "--train-minutes", repr(minutes), "--out", str(out), "--work-dir", str(work)]
 
         print(f"{len(runs)} runs, {args.parallel} at a time "
               f"{'on GPUs ' + ','.join(gpus) if gpus else 'on the CPU'}; logs in "
@@ -395,7 +429,8 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
     def one_run(item) -> dict:
         model, lr = item
         training = Training(steps=chosen.steps, batch_size=chosen.batch_size, lr=lr,
-                            data_workers=args.data_workers)
+                            data_workers=args.data_workers,
+                            time_limit_minutes=sweep.time_limit_minutes(args.train_minutes))
         return train_and_evaluate(model, chosen.task, chosen.seq_length, training,
                                   list(chosen.test_cells), work_dir=work_dir,
                                   examples=chosen.examples)
