@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from megatron_jrt.loss import JRTBatch, make_jrt_batch
+from megatron_jrt.batch import JRTBatch, make_jrt_batch
 
 
 class TokenSource(Protocol):

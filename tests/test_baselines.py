@@ -255,7 +255,8 @@ def test_baselines_train_without_mlm_and_the_transformer_resumes_exactly(tmp_pat
 def test_prefix_zero_is_next_token_prediction_on_every_position_without_an_mlm_report():
     import torch.nn.functional as F
 
-    from megatron_jrt.loss import jrt_loss, loss_tokens, make_jrt_batch, with_objective
+    from megatron_jrt.batch import make_jrt_batch
+    from megatron_jrt.loss import jrt_loss, loss_tokens, with_objective
 
     tokens = torch.randint(0, 11, (3, 21), generator=torch.Generator().manual_seed(2))
     batch = make_jrt_batch(tokens, prefix_length=0, mask_id=10, seed=0, first_sample_index=0)

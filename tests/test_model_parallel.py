@@ -16,7 +16,7 @@ SEQ, BATCH, MASK_ID = 40, 2, 3  # SEQ > prefix_length (16) > swa_window (8)
 
 
 def _batch(cfg):
-    from megatron_jrt.loss import make_jrt_batch
+    from megatron_jrt.batch import make_jrt_batch
 
     tokens = torch.randint(0, 200, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(5))
     return make_jrt_batch(tokens, prefix_length=cfg.prefix_length, mask_id=MASK_ID, seed=11,
@@ -59,7 +59,7 @@ def _load(model, directory):
 
 
 def _split(batch):
-    from megatron_jrt.loss import JRTBatch
+    from megatron_jrt.batch import JRTBatch
 
     return [JRTBatch(*(t[i:i + 1] for t in (batch.input_ids, batch.labels, batch.ntp_mask,
                                             batch.mlm_mask))) for i in range(BATCH)]

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_jrt.config import ConfigError, preset
-from megatron_jrt.loss import MLM_WEIGHT, jrt_loss, make_jrt_batch
+from megatron_jrt.batch import make_jrt_batch
+from megatron_jrt.loss import MLM_WEIGHT, jrt_loss
 from megatron_jrt.mixers.swa import sliding_window_attention
 
 

@@ -1,11 +1,9 @@
 """The PLA reference: parallel chunked form == recurrent form == naive spec equation (fp64)."""
-import math
-
 import pytest
 import torch
 
 from kernels.pla import PLAState, encoder_state, pla_decode_step, pla_prefill, prefix_linear_attention, taylor_feature_map
-from kernels.pla.reference import _chunked_pla, pla_recurrent, pla_reference
+from kernels.pla.reference import pla_recurrent, pla_reference
 
 
 def naive_pla(q, k, v, k_enc, v_enc, eps=1e-12, key_mask=None):
@@ -14,7 +12,6 @@ def naive_pla(q, k, v, k_enc, v_enc, eps=1e-12, key_mask=None):
     if key_mask is not None:
         pk = pk * key_mask[:, None, : k.shape[2], None]
         pe = pe * key_mask[:, None, : k_enc.shape[2], None]
-    N = q.shape[2]
     num_e = pq @ (pe.transpose(-1, -2) @ v_enc)               # phi(q_i) S_e
     den_e = pq @ pe.sum(-2).unsqueeze(-1)                      # phi(q_i) . z_e
     A = (pq @ pk.transpose(-1, -2)).tril()                     # phi(q_i).phi(k_j), j <= i

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_jrt.loss import JRTBatch
+from megatron_jrt.batch import JRTBatch
 
 PAD = 0  # fills the context region in front of a shorter context (never a context token)
 SPLITS = ("train", "valid", "test")

@@ -14,8 +14,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from megatron_jrt.batch import JRTBatch
 from megatron_jrt.checkpoint.state import CheckpointState
-from megatron_jrt.loss import JRTBatch
 from megatron_jrt.training.step import StepResult
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_jrt.batch import JRTBatch
 from megatron_jrt.checkpoint.state import CheckpointState
 from megatron_jrt.distributed import read_launch_env
-from megatron_jrt.loss import JRTBatch, jrt_loss
+from megatron_jrt.loss import jrt_loss
 from megatron_jrt.training.engines.base import global_loss_tokens, model_forward
 from megatron_jrt.training.engines.deepspeed_config import deepspeed_config
 from megatron_jrt.training.optim import lr_schedule

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from megatron_jrt.batch import JRTBatch
 from megatron_jrt.checkpoint import CheckpointSaver, CheckpointState, load_checkpoint
-from megatron_jrt.loss import JRTBatch
 from megatron_jrt.training.optim import build_optimizer
 from megatron_jrt.training.parallelize import wrap_with_ddp
 from megatron_jrt.training.resume import apply_optimizer_config
