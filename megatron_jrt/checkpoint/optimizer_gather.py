@@ -109,7 +109,8 @@ def gathering_on_device(optimizer, device: torch.device) -> Iterator[None]:
         return gathered_parameter_state(part, device)
 
     for part in optimizers:
-        part.get_parameter_state_dp_zero = partial(on_device, part, part.get_parameter_state_dp_zero)
+        megatron_gather = part.get_parameter_state_dp_zero
+        part.get_parameter_state_dp_zero = partial(on_device, part, megatron_gather)
     try:
         yield
     finally:

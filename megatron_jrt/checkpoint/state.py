@@ -2,10 +2,10 @@
 
 What a checkpoint restores: model tensors (megatron ShardedTensors), the distributed
 optimizer's state in megatron's ``fully_reshardable`` format (gathered over DP at save, on the
-device: ``optimizer_gather``; one tensor per parameter state with the parameter's own sharding in model space; megatron 0.16's
-``fully_sharded_model_space`` fails with "flattened_range is not supported"), so a checkpoint
-loads into any TP/PP/DP layout; the LR scheduler; step, consumed samples and tokens; and per
-rank the RNG states and the data reader's position. Those per-rank parts are restored only
+device: ``optimizer_gather``; one tensor per parameter state with the parameter's own sharding
+in model space; megatron 0.16's ``fully_sharded_model_space`` fails with "flattened_range is not
+supported"), so a checkpoint loads into any TP/PP/DP layout; the LR scheduler; step, consumed
+samples and tokens; and per rank the RNG states and the data reader's position. Those per-rank parts are restored only
 when the layout is unchanged (``CheckpointState.layout_changed``; the trainer then re-derives
 the data position from the consumed samples).
 

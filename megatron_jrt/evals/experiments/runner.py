@@ -197,8 +197,9 @@ class Sweep:
         """Each run as a child process, `parallel` at once, within the budget.
 
         `command(model, lr, out, work_dir, minutes) -> argv` trains that one run for at most
-        `minutes` (0: no limit) and writes its sweep JSON to `out`. A child gets OMP_NUM_THREADS=1 unless it is set (a few threads each,
-        or children oversubscribe the cores), a rank of its own (a lone process, any free
+        `minutes` (0: no limit) and writes its sweep JSON to `out`. A child gets
+        OMP_NUM_THREADS=1 unless it is set (a few threads each, or children oversubscribe
+        the cores), a rank of its own (a lone process, any free
         port) and, with `gpus`, CUDA_VISIBLE_DEVICES: the GPU running the fewest children,
         the first such in `gpus` order (round-robin while runs take alike). Its stdout and
         stderr go to its log. The rows come back in `runs`' order, as `run` writes them; a
