@@ -75,6 +75,9 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "slurm" / "jrt-train.sh"
 VOCAB = 50264  # GPT-2's 50,257 ids padded to a multiple of 8 (mock ids 0..50262, 50263 [MASK])
 STOPPED = 10  # megatron_jrt.errors.ExitCode.STOPPED: checkpointed after a stop signal
+# what the weak-scaling and layout rows set on top of run_sets
+DISTRIBUTED_OPTIMIZER = ["parallel.use_distributed_optimizer=true",
+                         "parallel.overlap_grad_reduce=true"]
 TINY = dict(weak_preset="jrt-tiny", layouts_preset="jrt-tiny", resume_preset="jrt-tiny",
             seq_length=64, weak_micro_batch=2, layouts_micro_batch=1, layouts_batch_per_gpu=2,
             resume_micro_batch=2, steps=3, warmup=1, resume_steps=12, resume_stop_step=4,
@@ -457,8 +460,7 @@ class Suite:
         for gpus in args.gpus:
             row = Row("weak", args.weak_preset, "dp", gpus, 1, 1, gpus, args.seq_length,
                       args.weak_micro_batch, args.weak_micro_batch * gpus)
-            self.measure(row, f"weak-{gpus}gpu", ["parallel.use_distributed_optimizer=true",
-                                                  "parallel.overlap_grad_reduce=true"])
+            self.measure(row, f"weak-{gpus}gpu", DISTRIBUTED_OPTIMIZER)
             if gpus == 1 and row.status == "ok":
                 base = row.tokens_per_s_per_gpu
             if base and row.status == "ok":
@@ -483,9 +485,7 @@ class Suite:
             if gpus % (tp * pp):
                 row.status = (f"skipped: TP x PP = {tp * pp} does not divide {gpus} GPUs")
             else:
-                self.measure(row, f"layouts-{name}-{gpus}gpu",
-                             ["parallel.use_distributed_optimizer=true",
-                              "parallel.overlap_grad_reduce=true"])
+                self.measure(row, f"layouts-{name}-{gpus}gpu", DISTRIBUTED_OPTIMIZER)
             self.add("layouts", row)
             print(format_layout(row), flush=True)
             print_log_on_failure(row)
