@@ -96,15 +96,18 @@ def conv_rows(s, b, bw, compile_ref):
     return rows
 
 
-# forward (tokens, channels, warps); backward (tokens per tile, channels, warps, tiles)
+# forward (tokens, channels, warps); the backward's da pass (tokens per tile, channels, warps,
+# tiles) and du1 pass (tokens, channels, warps)
 TUNE = {"fwd": [(32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8), (64, 64, 4), (128, 64, 4)],
-        "bwd": [(8, 128, 4, 8), (8, 128, 4, 1), (8, 128, 4, 4), (8, 128, 4, 16), (16, 128, 4, 1),
-                (16, 128, 4, 4), (32, 128, 8, 2), (8, 256, 8, 8), (16, 64, 4, 8)]}
+        "bwd": [(16, 64, 2, 8), (16, 128, 4, 4), (32, 128, 4, 2), (32, 64, 4, 4), (64, 64, 4, 2),
+                (8, 128, 4, 8), (32, 128, 8, 4), (16, 256, 8, 4)],
+        "bwd_du1": [(32, 128, 4), (64, 128, 4), (64, 64, 4), (16, 256, 4), (128, 64, 8),
+                    (32, 64, 2)]}
 
 
 def tune(s=2048, b=8):
     u, w, dy = conv_inputs(s, b)
-    for kind in ("fwd", "bwd"):
+    for kind in TUNE:
         res = []
         for cfg in TUNE[kind]:
             T._CFG[kind] = cfg
@@ -185,7 +188,7 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.tune:
         tune()
-    print(f"conv kernel configs: {T._CFG} (fwd: tokens, channels, warps; "
+    print(f"conv kernel configs: {T._CFG} (fwd, bwd_du1: tokens, channels, warps; "
           "bwd: tokens, channels, warps, tiles)")
     bw = copy_gbs()
     print(f"copy bandwidth {bw:.0f} GB/s")

@@ -159,7 +159,7 @@ import torch
 from tests.test_baseconv_kernel import check_kernel
 from kernels.baseconv import triton_baseconv as T
 print(check_kernel(T, 70, 2, 130, 3, torch.float32, "cpu", 1e-5))  # the default blocks
-T._CFG.update(fwd=(16, 32, 4), bwd=(8, 32, 4, 2))  # several token, channel blocks, tiles
+T._CFG.update(fwd=(16, 32, 4), bwd=(8, 32, 4, 2), bwd_du1=(8, 16, 4))  # several blocks, tiles
 cases = [  # s, b, c, k, tail: odd lengths, one token, TP-local widths (c % block != 0)
     (37, 3, 40, 3, False), (37, 3, 40, 3, True), (1, 2, 24, 3, True), (2, 1, 24, 3, False),
     (20, 2, 33, 4, True), (9, 2, 8, 1, False), (16, 1, 64, 3, False),
