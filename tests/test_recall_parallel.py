@@ -106,3 +106,34 @@ def test_a_budget_limits_each_runs_training_and_keeps_time_to_score(tmp_path):
     assert budget.time_limit_minutes(0.0) == pytest.approx(1.5, abs=0.01)  # 30 s kept to score
     assert budget.time_limit_minutes(1.0) == 1.0
     assert Sweep(tmp_path / "b.json", "mqar", {}, max_minutes=None).time_limit_minutes(0.3) == 0.3
+
+
+def test_a_sweep_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(tmp_path,
+                                                                                capsys):
+    """--resume: the runs a time limit stopped continue from their checkpoints and end where
+    one uninterrupted sweep ends (same losses, curves, accuracies); finished runs are kept."""
+    sweep = ["--tiny", "--points", "jrt:32:4,based:32:4", "--steps", "150", "--parallel", "2"]
+    straight = launch(_sweep, 1, [*sweep, "--out", str(tmp_path / "one.json")],
+                      in_process=True)[0]["runs"]
+    out = tmp_path / "two.json"
+    cut = launch(_sweep, 1, [*sweep, "--train-minutes", "0.02", "--out", str(out)],
+                 in_process=True)[0]["runs"]
+    assert all(0 < row["steps_done"] < 150 for row in cut), cut
+    assert "the same command with --resume continues them" in capsys.readouterr().out
+    assert (tmp_path / ".two-work").is_dir()
+
+    resumed = launch(_sweep, 1, [*sweep, "--resume", "--out", str(out)], in_process=True)[0]
+    assert [row["resumed_at_step"] for row in resumed["runs"]] == [r["steps_done"] for r in cut]
+    for mine, theirs in zip(resumed["runs"], straight):
+        assert mine["steps_done"] == 150 and mine["final_loss"] == theirs["final_loss"]
+        assert mine["loss_curve"] == theirs["loss_curve"] and mine["cells"] == theirs["cells"]
+    assert not (tmp_path / ".two-work").exists()
+    log = (tmp_path / "two-logs" / "jrt-d32-f4-lr0.003.log").read_text()
+    assert "(time limit" in log and "resum" in log.lower()  # both parts, appended
+
+    again = launch(_sweep, 1, [*sweep, "--resume", "--out", str(out)], in_process=True)[0]
+    assert again["runs"] == resumed["runs"]  # finished runs are kept, not trained again
+    assert "0 runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="was made with steps 150, not 151"):
+        _sweep(["--tiny", "--points", "jrt:32:4", "--steps", "151", "--resume",
+                "--out", str(out)])

@@ -30,12 +30,14 @@ class Child:
     started: float
 
     @classmethod
-    def start(cls, argv: list[str], log: Path, out: Path, gpu: str | None) -> "Child":
+    def start(cls, argv: list[str], log: Path, out: Path, gpu: str | None, *,
+              append: bool = False) -> "Child":
+        """`argv` in its own process, its output to `log` (`append`: after what is there)."""
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
         env.setdefault("OMP_NUM_THREADS", "1")
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
-        with open(log, "w") as handle:
+        with open(log, "a" if append else "w") as handle:
             proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL)
         return cls(proc, log, out, gpu, time.perf_counter())

@@ -66,21 +66,26 @@ class Training:
     warmup_steps: int = 50
     data_workers: int = DATA_WORKERS  # on a GPU; none on CPU
     time_limit_minutes: float = 0.0  # > 0: training stops there and the step reached is scored
+    resume: bool = False  # continue from the checkpoint in the run's directory, if it has one
 
 
 def train_and_evaluate(model: Model, task_params: dict, seq_length: int, training: Training,
                        test_cells: list[tuple[int, int]], *, work_dir: Path,
                        examples: int, eval_batch_size: int = 256) -> dict:
-    """Train `model` on the task, score `test_cells`, delete the checkpoint; one JSON row.
+    """Train `model` on the task, score `test_cells`; one JSON row.
 
     `seq_length` is the plain task's window; JRT-Prompt's window grows by one more context.
     Runs in this process (megatron's process group of one rank is set up and torn down here).
+    The checkpoint is deleted once the run reached its last step; a run stopped before (its
+    time limit) keeps it, and `training.resume` continues from it to the same result as one
+    uninterrupted run (the trainer's resume is exact).
     """
     from megatron_jrt.distributed import destroy_distributed, init_distributed
     from megatron_jrt.evals.state_size import state_size
     from megatron_jrt.evals.synthetic_eval import evaluate_cells
     from megatron_jrt.evals.tasks import build_task
     from megatron_jrt.evals.trained_model import load_trained_model
+    from megatron_jrt.runlog import LOSSES_FILE, read_losses
     from megatron_jrt.train import train
     from megatron_jrt.train_config import config_from_dict
 
@@ -89,7 +94,8 @@ def train_and_evaluate(model: Model, task_params: dict, seq_length: int, trainin
     task = build_task(params, seq_length + (
         build_task(task_params, seq_length).context_length if prompted else 0))
     run_dir = work_dir / model.name
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not training.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     cfg = config_from_dict({
         "model": {"preset": PRESET[model.family],
                   "overrides": model.overrides(task.context_length, task.seq_length)},
@@ -103,7 +109,7 @@ def train_and_evaluate(model: Model, task_params: dict, seq_length: int, trainin
                      "eval_steps": 0, "log_interval": max(1, training.steps // 20),
                      "exit_duration_minutes": training.time_limit_minutes},
         "checkpoint": {"save_dir": str(run_dir / "ckpt"), "save_interval": training.steps,
-                       "keep_last": 1},
+                       "keep_last": 1, "resume": "auto"},
         "logging": {"run_dir": str(run_dir), "tensorboard": False, "progress_bar": False},
     })
     cfg.validate()
@@ -117,13 +123,16 @@ def train_and_evaluate(model: Model, task_params: dict, seq_length: int, trainin
                                batch_size=eval_batch_size, seed=training.seed)
     finally:
         destroy_distributed()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    losses = [row["loss"] for row in read_losses(run_dir / LOSSES_FILE)]  # resumed parts too
+    if result.last_step >= training.steps:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return {**asdict(model), "name": model.name,
             "state_size": state_size(trained.config, task.seq_length),
             "prefix_length": trained.config.prefix_length, "seq_length": task.seq_length,
             "steps": training.steps, "steps_done": result.last_step,
+            "resumed_at_step": result.start_step or None,
             "batch_size": training.batch_size, "lr": training.lr,
-            "final_loss": result.losses[-1], "loss_curve": loss_curve(result.losses),
+            "final_loss": losses[-1], "loss_curve": loss_curve(losses),
             "train_seconds": trained_at - started,
             "step_ms": statistics.median(result.step_times) * 1e3,
             "seconds": time.perf_counter() - started,
@@ -139,22 +148,30 @@ def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
     return [[step, losses[step - 1]] for step in steps]
 
 
+def run_key(model: Model, lr: float) -> str:
+    """Names one run of a sweep: its log, its directory in the work dir."""
+    return f"{model.name}-lr{lr:g}"
+
+
 class Sweep:
     """The rows of a sweep, rewritten to `out` after each run; stops before the time budget.
 
     A run's training log goes to `<out stem>-logs/<model>-lr<lr>.log`; the console gets one
     line per run. `run` trains in this process, one run after the other; `run_children` runs
-    each in a child process, several at once.
+    each in a child process, several at once. `kept` are rows of an earlier invocation
+    (--resume) that lead the new ones; `resume` continues runs from their checkpoints.
     """
 
     def __init__(self, out: Path, experiment: str, settings: dict, max_minutes: float | None,
-                 *, logs: bool = True, train_minutes: float = 0.0):
+                 *, logs: bool = True, train_minutes: float = 0.0, kept: list[dict] = (),
+                 resume: bool = False):
         self.out, self.max_seconds = out, None if max_minutes is None else 60 * max_minutes
         self.train_minutes = train_minutes  # each run's own limit (0: none)
         self.logs = logs  # False: the training log stays on stdout (a child's, to its log)
+        self.kept, self.resume = list(kept), resume
         self.started, self.longest = time.perf_counter(), 0.0
         self.data = {"experiment": experiment, "device": _device(), "settings": settings,
-                     "runs": [], "skipped": []}
+                     "runs": list(kept), "skipped": []}
         out.parent.mkdir(parents=True, exist_ok=True)
 
     def time_limit_minutes(self, asked: float) -> float:
@@ -171,7 +188,7 @@ class Sweep:
         return self.max_seconds - reserve - (time.perf_counter() - self.started)
 
     def log_path(self, model: Model, lr: float) -> Path:
-        return self.out.parent / f"{self.out.stem}-logs" / f"{model.name}-lr{lr:g}.log"
+        return self.out.parent / f"{self.out.stem}-logs" / f"{run_key(model, lr)}.log"
 
     def run(self, runs: list[tuple[Model, float]], one_run) -> dict:
         """`one_run((model, lr)) -> row` for each run in order, within the budget."""
@@ -181,7 +198,8 @@ class Sweep:
             if self.logs:
                 log = self.log_path(model, lr)
                 log.parent.mkdir(exist_ok=True)
-                with open(log, "w") as handle, contextlib.redirect_stdout(handle):
+                with open(log, "a" if self.resume else "w") as handle, \
+                        contextlib.redirect_stdout(handle):
                     row = one_run((model, lr))
             else:
                 row = one_run((model, lr))
@@ -217,15 +235,17 @@ class Sweep:
                         break
                     index, (model, lr) = pending.pop(0)
                     gpu = min(gpus, key=[c.gpu for c in running.values()].count) if gpus else None
-                    child_dir = work_dir / f"{model.name}-lr{lr:g}"
-                    shutil.rmtree(child_dir, ignore_errors=True)
-                    child_dir.mkdir(parents=True)
+                    child_dir = work_dir / run_key(model, lr)
+                    if not self.resume:
+                        shutil.rmtree(child_dir, ignore_errors=True)
+                    child_dir.mkdir(parents=True, exist_ok=True)
+                    (child_dir / "run.json").unlink(missing_ok=True)  # the row of this start
                     log = self.log_path(model, lr)
                     log.parent.mkdir(exist_ok=True)
                     running[index] = Child.start(
                         command(model, lr, child_dir / "run.json", child_dir / "work",
                                 self.time_limit_minutes(self.train_minutes)),
-                        log, child_dir / "run.json", gpu)
+                        log, child_dir / "run.json", gpu, append=self.resume)
                 time.sleep(poll_seconds)
                 for index, child in list(running.items()):
                     if child.proc.poll() is None:
@@ -242,7 +262,7 @@ class Sweep:
                                          **failure, "log": str(child.log)}
                         line = (f"{model.name} lr {lr:g}: FAILED (exit {failure['returncode']}"
                                 f"): {failure['error']}; log {child.log}")
-                    self.data["runs"] = [rows[i] for i in sorted(rows)]
+                    self.data["runs"] = self.kept + [rows[i] for i in sorted(rows)]
                     self.data["failed"] = [failed[i] for i in sorted(failed)]
                     self._write()
                     print(f"[{len(rows) + len(failed)}/{len(runs)}] {line}", flush=True)
@@ -349,7 +369,12 @@ def sweep_parser(description: str, setup: Setup, tiny: Setup):
                         help="with --parallel: the GPUs to spread the runs over, as "
                              "CUDA_VISIBLE_DEVICES names them (default: every visible one)")
     parser.add_argument("--work-dir", type=Path, default=None,
-                        help="checkpoints while a run lasts (default: next to --out)")
+                        help="checkpoints while a run lasts, and of runs stopped before their "
+                             "last step (default: next to --out)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the sweep in --out: keep its finished runs, continue "
+                             "the ones stopped by a time limit from their checkpoints in "
+                             "--work-dir, run the rest (same settings as before)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # --parallel's
     return parser
 
@@ -393,6 +418,14 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
     shard, shards = (int(x) for x in args.shard.split("/"))
     runs = grid[shard::shards]
     work_dir = args.work_dir or args.out.parent / f".{args.out.stem}-work"
+    compared = {"task": chosen.task, "seq_length": chosen.seq_length, "steps": chosen.steps,
+                "batch_size": chosen.batch_size, "examples": chosen.examples,
+                "test_cells": chosen.test_cells}
+    kept = finished_rows(args.out, compared, quiet=args.child) if args.resume else []
+    if not args.resume:
+        shutil.rmtree(work_dir, ignore_errors=True)  # no checkpoint of another sweep resumes
+    done = {(row["name"], row["lr"]) for row in kept}
+    runs = [(model, lr) for model, lr in runs if (model.name, lr) not in done]
     if args.parallel > 1:
         gpus = visible_gpus(args.gpus)
         settings.update(parallel=args.parallel, gpus=gpus)
@@ -402,7 +435,7 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
                   {**dataclasses.asdict(chosen), "shard": args.shard, **settings},
                   # a child's limit is its --train-minutes: the parent keeps the budget
                   None if args.child else chosen.max_minutes, logs=not args.child,
-                  train_minutes=args.train_minutes)
+                  train_minutes=args.train_minutes, kept=kept, resume=args.resume)
     if args.parallel > 1:
         def command(model: Model, lr: float, out: Path, work: Path, minutes: float
                     ) -> list[str]:
@@ -413,14 +446,15 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
                     "--lr", repr(lr), "--vocab-size", str(chosen.task["vocab_size"]),
                     "--steps", str(chosen.steps), "--batch-size", str(chosen.batch_size),
                     "--examples", str(chosen.examples), "--data-workers", str(args.data_workers),
-                    "--train-minutes", repr(minutes), "--out", str(out), "--work-dir", str(work)]
+                    "--train-minutes", repr(minutes), "--out", str(out), "--work-dir", str(work),
+                    *(["--resume"] if args.resume else [])]
 
         print(f"{len(runs)} runs, {args.parallel} at a time "
               f"{'on GPUs ' + ','.join(gpus) if gpus else 'on the CPU'}; logs in "
               f"{sweep.log_path(*runs[0]).parent if runs else '-'}", flush=True)
         data = sweep.run_children(runs, command, parallel=args.parallel, gpus=gpus,
                                   work_dir=work_dir)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        _keep_unfinished(data, work_dir, quiet=args.child)
         if data["failed"]:
             raise SystemExit(f"{len(data['failed'])} of {len(runs)} runs failed: "
                              + ", ".join(f"{f['name']} lr {f['lr']:g} ({f['log']})"
@@ -431,14 +465,43 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
         model, lr = item
         training = Training(steps=chosen.steps, batch_size=chosen.batch_size, lr=lr,
                             data_workers=args.data_workers,
-                            time_limit_minutes=sweep.time_limit_minutes(args.train_minutes))
+                            time_limit_minutes=sweep.time_limit_minutes(args.train_minutes),
+                            resume=args.resume)
         return train_and_evaluate(model, chosen.task, chosen.seq_length, training,
-                                  list(chosen.test_cells), work_dir=work_dir,
+                                  list(chosen.test_cells), work_dir=work_dir / run_key(model, lr),
                                   examples=chosen.examples)
 
     data = sweep.run(runs, one_run)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    _keep_unfinished(data, work_dir, quiet=args.child)
     return data
+
+
+def finished_rows(out: Path, compared: dict, *, quiet: bool = False) -> list[dict]:
+    """The rows of the sweep in `out` whose runs reached their last step, after checking that
+    it was made with the `compared` settings (a resumed run must follow the same schedule)."""
+    if not out.is_file():
+        if not quiet:
+            print(f"--resume: {out} does not exist yet: starting the sweep", flush=True)
+        return []
+    earlier = json.loads(out.read_text())
+    for key, value in compared.items():
+        was = earlier.get("settings", {}).get(key)
+        if json.loads(json.dumps(value)) != was:
+            raise SystemExit(f"--resume: {out} was made with {key} {was}, not {value}; resume "
+                             "with the same settings, or write a new --out")
+    return [row for row in earlier.get("runs", []) if row["steps_done"] >= row["steps"]]
+
+
+def _keep_unfinished(data: dict, work_dir: Path, *, quiet: bool) -> None:
+    """Delete the work dir, unless runs stopped before their last step: their checkpoints
+    stay there for --resume."""
+    unfinished = [row["name"] for row in data["runs"] if row["steps_done"] < row["steps"]]
+    if not unfinished:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    elif not quiet:
+        print(f"{len(unfinished)} runs stopped before their last step ({', '.join(unfinished)}); "
+              f"their checkpoints are in {work_dir}: the same command with --resume continues "
+              "them", flush=True)
 
 
 def _point(text: str, feature_dim: int) -> Model:
