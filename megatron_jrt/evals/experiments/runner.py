@@ -422,8 +422,6 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
                 "batch_size": chosen.batch_size, "examples": chosen.examples,
                 "test_cells": chosen.test_cells}
     kept = finished_rows(args.out, compared, quiet=args.child) if args.resume else []
-    if not args.resume:
-        shutil.rmtree(work_dir, ignore_errors=True)  # no checkpoint of another sweep resumes
     done = {(row["name"], row["lr"]) for row in kept}
     runs = [(model, lr) for model, lr in runs if (model.name, lr) not in done]
     if args.parallel > 1:
