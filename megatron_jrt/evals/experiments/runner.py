@@ -27,6 +27,8 @@ from megatron_jrt.evals.experiments.children import Child, visible_gpus
 FAMILIES = ("jrt", "based", "transformer", "based+jrt-prompt")
 PRESET = {"jrt": "jrt-tiny", "based": "based-tiny", "transformer": "transformer-tiny",
           "based+jrt-prompt": "based-tiny"}
+# What a resumed sweep must share with the one it continues (the runs' schedules and scoring).
+RESUMED_SETTINGS = ("task", "seq_length", "test_cells", "steps", "batch_size", "examples")
 SCORING_RESERVE_S = 60.0  # of a --max-minutes budget, kept for the last runs' scoring
 # Processes that make the samples ahead of a GPU (~0.1 ms each in Python: 25 ms of a batch of
 # 256, more than a small model's step); none on CPU, where they would compete with training.
@@ -418,10 +420,9 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
     shard, shards = (int(x) for x in args.shard.split("/"))
     runs = grid[shard::shards]
     work_dir = args.work_dir or args.out.parent / f".{args.out.stem}-work"
-    compared = {"task": chosen.task, "seq_length": chosen.seq_length, "steps": chosen.steps,
-                "batch_size": chosen.batch_size, "examples": chosen.examples,
-                "test_cells": chosen.test_cells}
-    kept = finished_rows(args.out, compared, quiet=args.child) if args.resume else []
+    recorded = dataclasses.asdict(chosen)  # the settings the JSON records
+    kept = (finished_rows(args.out, {key: recorded[key] for key in RESUMED_SETTINGS},
+                          quiet=args.child) if args.resume else [])
     done = {(row["name"], row["lr"]) for row in kept}
     runs = [(model, lr) for model, lr in runs if (model.name, lr) not in done]
     if args.parallel > 1:
@@ -430,7 +431,7 @@ def run_sweep(experiment: str, args, setup: Setup, tiny: Setup) -> dict:
     if args.train_minutes < 0:
         raise SystemExit(f"--train-minutes {args.train_minutes}: at least 0")
     sweep = Sweep(args.out, experiment,
-                  {**dataclasses.asdict(chosen), "shard": args.shard, **settings},
+                  {**recorded, "shard": args.shard, **settings},
                   # a child's limit is its --train-minutes: the parent keeps the budget
                   None if args.child else chosen.max_minutes, logs=not args.child,
                   train_minutes=args.train_minutes, kept=kept, resume=args.resume)
