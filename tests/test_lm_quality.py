@@ -67,6 +67,23 @@ def test_125m_presets_and_configs_are_one_size_and_the_experiments_recipe():
             int(gpu.steps * gpu.warmup_fraction))
 
 
+def test_a_repeat_window_holds_at_each_scored_position_what_it_held_a_prefix_earlier():
+    import torch
+
+    tokens = torch.arange(2 * 11).reshape(2, 11)  # two windows of L + 1 = 11 tokens
+    for after in (3, 5, 9):
+        inputs, labels = lm_quality.repeated_windows(tokens, after)
+        assert inputs.shape == labels.shape == (2, 10)
+        assert torch.equal(inputs[:, :after], tokens[:, :after])  # the first read, unchanged
+        assert torch.equal(labels[:, :after - 1], tokens[:, 1:after])
+        assert torch.equal(labels[:, :-1], inputs[:, 1:])  # one stream
+        later = torch.arange(after, 10)
+        assert torch.equal(inputs[:, later], inputs[:, later - after])  # then the same again
+        assert torch.equal(labels[:, later], labels[:, later - after])
+    with pytest.raises(ValueError, match="prefix 10 of 10"):
+        lm_quality.repeated_windows(tokens, 10)
+
+
 def _stdlib_dir() -> str:
     return lm_corpus.default_corpus_dirs()[0]
 
@@ -90,6 +107,7 @@ def test_tiny_end_to_end_then_a_rerun_reuses_corpus_and_checkpoint(tmp_path, cap
         assert valid["positions_from"] == 16 and valid["windows"] == lm_quality.TINY.eval_windows
         assert 0 < valid["loss_after_prefix"] < math.log(row["vocab_size"]) + 1
         assert (valid["loss_all"] is None) == (row["family"] == "jrt")  # JRT's prefix sees ahead
+        assert 0 < valid["loss_repeat"] < math.log(row["vocab_size"]) + 1
         assert row["recall"]["documents"] == 3
         assert all(0 <= row["recall"][t]["accuracy"] <= 1 for t in ("default", "jrt"))
         assert row["trainer_validation"][-1]["step"] == row["steps"]

@@ -166,6 +166,9 @@ def validation_loss(checkpoint: Path, data_dir: Path, setup: Setup) -> dict:
 
     `loss_after_prefix` averages positions M..L-1, M the JRT preset's prefix length, for every
     family (the comparable number); `loss_all` every position, for causal models only.
+    `loss_repeat` is the same positions' loss when they repeat the window's first M tokens, read
+    just before (`repeated_windows`): in-context recall on real text, where a model that recalls
+    what it read approaches 0 and one that does not stays near `loss_after_prefix`.
     """
     import torch
 
@@ -184,15 +187,22 @@ def validation_loss(checkpoint: Path, data_dir: Path, setup: Setup) -> dict:
                          f"{setup.seq_length + 1} tokens; raise the valid fraction or the corpus")
     device = next(trained.model.parameters()).device
     positions = torch.arange(setup.seq_length, device=device).unsqueeze(0)
-    sums = torch.zeros(4, dtype=torch.float64)  # after: loss, tokens; all: loss, tokens
+    sums = torch.zeros(6, dtype=torch.float64)  # after: loss, tokens; all: ...; repeat: ...
+
+    def per_token_loss(inputs, labels):
+        return trained.model(inputs, positions.expand(inputs.shape[0], -1), None,
+                             labels=labels).double().cpu()
+
     with torch.no_grad():
         for _, tokens in zip(range(batches), reader):
             tokens = tokens.to(device)
-            per_token = trained.model(tokens[:, :-1], positions.expand(tokens.shape[0], -1), None,
-                                      labels=tokens[:, 1:]).double().cpu()
+            per_token = per_token_loss(tokens[:, :-1], tokens[:, 1:])
+            repeat = per_token_loss(*repeated_windows(tokens, after))[:, after:]
             sums += torch.tensor([per_token[:, after:].sum(), per_token[:, after:].numel(),
-                                  per_token.sum(), per_token.numel()], dtype=torch.float64)
+                                  per_token.sum(), per_token.numel(), repeat.sum(),
+                                  repeat.numel()], dtype=torch.float64)
     loss_after = (sums[0] / sums[1]).item()
+    loss_repeat = (sums[4] / sums[5]).item()
     causal = trained.config.prefix_length == 0
     config = trained.config
     return {"windows": batches * batch, "positions_from": after,
@@ -200,10 +210,27 @@ def validation_loss(checkpoint: Path, data_dir: Path, setup: Setup) -> dict:
             "ppl_after_prefix": math.exp(loss_after),
             "loss_all": (sums[2] / sums[3]).item() if causal else None,
             "ppl_all": math.exp((sums[2] / sums[3]).item()) if causal else None,
+            "loss_repeat": loss_repeat, "ppl_repeat": math.exp(loss_repeat),
             "model": {"parameters": count_parameters(trained.model),
                       "layer_pattern": config.layer_pattern, "hidden_size": config.hidden_size,
                       "num_layers": config.num_layers, "vocab_size": config.vocab_size,
                       "prefix_length": config.prefix_length}}
+
+
+def repeated_windows(tokens, after: int):
+    """(inputs, labels) [b, L] from held-out windows `tokens` [b, L + 1]: their first `after`
+    tokens over and over, so every label from position `after` on is the one `after` positions
+    earlier. For JRT-RNN the first copy is exactly its prefix (the JRT-Prompt idea applied to
+    plain text)."""
+    import torch
+
+    length = tokens.shape[1] - 1
+    if not 0 < after < length:
+        raise ValueError(f"a repeat needs a first copy shorter than the window (prefix {after} "
+                         f"of {length})")
+    period = torch.arange(length + 1, device=tokens.device) % after
+    stream = tokens[:, period]
+    return stream[:, :-1], stream[:, 1:]
 
 
 def recall_scores(checkpoint: Path, setup: Setup) -> dict:
@@ -446,7 +473,8 @@ def summary(row: dict) -> str:
     recall = ", ".join(f"{t} {row['recall'][t]['accuracy']:.3f}" for t in TEMPLATES)
     return (f"{row['preset']}: {row['parameters']:,} parameters, {row['tokens']:,} tokens, "
             f"valid loss {row['valid']['loss_after_prefix']:.4f} (ppl "
-            f"{row['valid']['ppl_after_prefix']:.2f}), recall {recall}{speed}, "
+            f"{row['valid']['ppl_after_prefix']:.2f}), on a repeat "
+            f"{row['valid']['loss_repeat']:.4f}, recall {recall}{speed}, "
             f"{row['seconds']:.0f} s")
 
 
@@ -459,14 +487,16 @@ def markdown_table(data: dict) -> str:
         return "-" if loss is None else f"{loss:.3f} ({ppl:.1f})"
 
     lines = ["| model | parameters | tokens | valid loss (ppl), positions >= M | "
-             "valid loss (ppl), all positions | recall default | recall JRT-Prompt | tokens/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "valid loss (ppl), all positions | loss on a repeat (ppl) | recall default | "
+             "recall JRT-Prompt | tokens/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in data["runs"]:
         valid, recall = row["valid"], row["recall"]
         lines.append(
             f"| {row['preset']} | {row['parameters']:,} | {row['tokens']:,} | "
             f"{loss_and_ppl(valid['loss_after_prefix'], valid['ppl_after_prefix'])} | "
             f"{loss_and_ppl(valid['loss_all'], valid['ppl_all'])} | "
+            f"{loss_and_ppl(valid.get('loss_repeat'), valid.get('ppl_repeat'))} | "
             f"{recall['default']['accuracy']:.3f} | {recall['jrt']['accuracy']:.3f} | "
             f"{number(row['tokens_per_second'], ',.0f')} |")
     runs = data["runs"]
