@@ -127,3 +127,21 @@ def test_tiny_end_to_end_then_a_rerun_reuses_corpus_and_checkpoint(tmp_path, cap
     assert again[1]["tokens_per_second"] == runs[1]["tokens_per_second"]
     assert "resumed from" in (tmp_path / "lm-logs" / "based.log").read_text()
     assert again[0] == runs[0] and again[2] == runs[2]
+
+
+def test_a_run_cut_while_scoring_keeps_what_its_training_measured(tmp_path, monkeypatch):
+    out, work = tmp_path / "lm.json", tmp_path / "work"
+    argv = ["--tiny", "--families", "based", "--out", str(out), "--work-dir", str(work),
+            "--workers", "1"]
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt("a time limit, while scoring")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lm_quality, "validation_loss", cut)
+        with pytest.raises(KeyboardInterrupt):
+            launch(lm_quality.main, 1, argv, in_process=True)
+    launch(lm_quality.main, 1, argv, in_process=True)  # finds the run trained: scores it only
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["tokens_per_second"] > 0 and row["train_seconds"] > 0
+    assert row["trainer_validation"][-1]["step"] == row["steps"] and row["resumed_at_step"] is None

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from megatron_jrt.evals.experiments.children import Child, visible_gpus
 from megatron_jrt.evals.recall_prompts import TEMPLATES
+from megatron_jrt.fsutil import atomic_write_bytes
 from megatron_jrt.runlog import LOSSES_FILE, read_losses  # ("default", "jrt"): JRT-Prompt
 
 FAMILIES = ("jrt", "based", "transformer")
@@ -117,31 +118,31 @@ def train_and_score(family: str, setup: Setup, data, *, work_dir: Path, data_wor
     })
     cfg.validate()
     started = time.perf_counter()
+    tokens_per_step = setup.global_batch_size * setup.seq_length
+    # What training measured, kept beside the checkpoint before scoring: a rerun that finds the
+    # run done (resume: auto, nothing left to train), or one cut while scoring, reports the same.
+    training_file = run_dir / "lm_quality_training.json"
     init_distributed(seed=setup.seed)
     try:
         result = train(cfg)
-        trained_at = time.perf_counter()
         if result.stopped_by_signal or result.last_step < steps:
             raise SystemExit(f"{preset}: stopped at step {result.last_step} of {steps} "
                              f"({result.stopped_by_signal or 'early'}); run the same command "
                              "again to continue from its checkpoint")
+        if result.step_times:
+            first = result.start_step
+            atomic_write_bytes(training_file, json.dumps({
+                "tokens_per_second": tokens_per_step / statistics.median(result.step_times),
+                "train_seconds": time.perf_counter() - started, "resumed_at_step": first or None,
+                "trainer_validation": [{"step": step, **v} for step, v in zip(
+                    [s for s in range(first + 1, steps + 1)
+                     if s % eval_interval == 0 or s == steps],
+                    result.validation)]}, indent=1).encode() + b"\n")
         valid = validation_loss(run_dir / "ckpt", data.data_dir, setup)
         recall = recall_scores(run_dir / "ckpt", setup)
     finally:
         destroy_distributed()
     losses = read_losses(run_dir / LOSSES_FILE)
-    tokens_per_step = setup.global_batch_size * setup.seq_length
-    # What training measured, kept beside the checkpoint: a rerun that finds the run done
-    # (resume: auto, nothing left to train) reports the same.
-    training_file = run_dir / "lm_quality_training.json"
-    if result.step_times:
-        first = result.start_step
-        training_file.write_text(json.dumps({
-            "tokens_per_second": tokens_per_step / statistics.median(result.step_times),
-            "train_seconds": trained_at - started, "resumed_at_step": first or None,
-            "trainer_validation": [{"step": step, **v} for step, v in zip(
-                [s for s in range(first + 1, steps + 1) if s % eval_interval == 0 or s == steps],
-                result.validation)]}, indent=1) + "\n")
     training = json.loads(training_file.read_text()) if training_file.is_file() else {}
     return {"family": family, "preset": preset, **valid.pop("model"),
             "steps": steps, "tokens": steps * tokens_per_step,
