@@ -123,10 +123,12 @@ class JRTModelConfig:
 
         `fusions` turns on megatron's fused kernels that need neither apex nor Transformer
         Engine (torch.compile'd, `megatron.core.jit`): the SwiGLU of every MLP (forward and
-        backward one kernel each, only its input saved) and, in bf16, the vocabulary cross
-        entropy (fewer passes over the fp32 logits; its backward returns bf16 logit gradients,
-        which would round an fp32 run's). The others do not apply: no bias or dropout to fuse
-        with the residual add, no masked softmax, RoPE and norm fusions need TE or apex.
+        backward one kernel each, only its input saved); and, in bf16, megatron's native
+        cross-entropy fusion flag, which JRTModel answers with kernels/cross_entropy's Triton
+        kernels (one read of the bf16 logits forward, one read and an in-place gradient write
+        backward; megatron's own would make fp32 copies). The others do not apply: no bias or
+        dropout to fuse with the residual add, no masked softmax, RoPE and norm fusions need
+        TE or apex.
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
 

@@ -9,17 +9,31 @@ from __future__ import annotations
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from torch import Tensor
 
+from kernels.cross_entropy import vocab_parallel_cross_entropy
 from megatron_jrt.config import JRTModelConfig
 from megatron_jrt.layer_specs import block_spec
 
 
 class JRTModel(GPTModel):
-    """GPTModel whose checkpoints key each layer on its own.
+    """GPTModel whose checkpoints key each layer on its own, and whose fused loss is ours.
 
     megatron stacks same-named tensors of all layers into one checkpoint tensor, which
     assumes every layer has the same parameters; JRT-RNN mixes three kinds of layer.
     """
+
+    def compute_language_model_loss(self, labels: Tensor, logits: Tensor) -> Tensor:
+        """Per-token loss [b, s] of labels [b, s] and logits [s, b, v_local]. With megatron's
+        native cross-entropy fusion on (`cross_entropy_loss_fusion`), kernels/cross_entropy
+        instead: it reads the bf16 logits in place of megatron's fp32 copies, and its backward
+        writes the gradient over them (nothing reads the logits after the loss)."""
+        if not (self.config.cross_entropy_loss_fusion
+                and self.config.cross_entropy_fusion_impl == "native"):
+            return super().compute_language_model_loss(labels, logits)
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous(),
+                                            self.pg_collection.tp, inplace_backward=True)
+        return loss.transpose(0, 1).contiguous()
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None):

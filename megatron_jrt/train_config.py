@@ -113,8 +113,9 @@ class TrainingSection:
     # would: a checkpoint at the next step boundary, exit 10. 0: no limit.
     exit_duration_minutes: float = 0.0
     # Fused kernels that compute the same update and losses as the plain path: torch's fused
-    # AdamW where megatron falls back to torch AdamW, megatron's SwiGLU and (bf16) cross-entropy
-    # fusions (`JRTModelConfig.to_transformer_config`). null: on when training on CUDA;
+    # AdamW where megatron falls back to torch AdamW, megatron's SwiGLU fusion and, in bf16,
+    # kernels/cross_entropy's Triton loss (`JRTModelConfig.to_transformer_config`, JRTModel).
+    # null: on when training on CUDA;
     # true: also on CPU (a slower start, the fusions are torch.compile'd there too);
     # false: off everywhere (the plain path, to measure or compare against).
     fusions: bool | None = None
