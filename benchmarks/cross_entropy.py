@@ -23,27 +23,13 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
+from gpu_timing import ms, peak_mib  # a sibling: benchmarks/ is on sys.path
 
 from kernels.cross_entropy import triton_cross_entropy as T
 
 VOCAB = 50264
 DT = torch.bfloat16
 TUNE = [(block, warps) for block in (2048, 4096, 8192, 16384) for warps in (4, 8, 16, 32)]
-
-
-def ms(fn, rep=100):
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def peak_mib(fn):
-    """Peak memory of one call beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def inputs(s, b, v=VOCAB):

@@ -26,7 +26,7 @@ import json
 import sys
 
 import torch
-from triton.testing import do_bench
+from gpu_timing import ms, peak_mib  # a sibling: benchmarks/ is on sys.path
 
 from kernels.baseconv.reference import gated_causal_conv_conv1d, gated_causal_conv_reference
 from kernels.baseconv import triton_baseconv as T
@@ -36,20 +36,6 @@ BATCH = {2048: 8, 8192: 2, 32768: 1}
 CONV_C, HEADS, HEAD_DIM, WINDOW = 2048, 16, 64, 128
 DT = torch.bfloat16
 DEVICE = "cuda"
-
-
-def ms(fn, rep=100):
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
-
-
-def peak_mib(fn):
-    """Peak memory of one call beyond what was allocated before it."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def copy_gbs():

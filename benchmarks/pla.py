@@ -18,15 +18,11 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
+from gpu_timing import ms  # a sibling: benchmarks/ is on sys.path
 
 from kernels.pla import triton_pla as T
 
 B, H, F = 16, 16, 16
-
-
-def ms(fn, rep=100):
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
 def bandwidth_gbs():

@@ -19,7 +19,7 @@ import torch
 import kernels.baseconv as bc
 from kernels.baseconv import conv_tail, gated_causal_conv, gated_causal_conv_reference
 from kernels.baseconv.reference import gated_causal_conv_conv1d
-from tests.fakes import OnCuda, replace_kernels
+from tests.fakes import OnCuda, fallback_warnings, replace_kernels
 
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
@@ -108,10 +108,7 @@ def kernel_state(monkeypatch):
 
 
 def _warnings_of(calls):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = [call() for call in calls]
-    return results, [str(w.message) for w in caught if str(w.message).startswith("BaseConv:")]
+    return fallback_warnings(calls, "BaseConv")
 
 
 def test_cpu_takes_the_reference_silently(kernel_state):
