@@ -115,6 +115,12 @@ def test_tiny_end_to_end_then_a_rerun_reuses_corpus_and_checkpoint(tmp_path, cap
     # a line per model, then the table; the training logs went to files
     assert "model.preset" not in printed and "| jrt-tiny | 223,168 | 4,096 |" in printed
     assert printed.count("\n| ") == 4 and len(list((tmp_path / "lm-logs").glob("*.log"))) == 3
+    pytest.importorskip("matplotlib")
+    from megatron_jrt.evals.experiments import plot
+
+    plot.main([str(out), "--out", str(tmp_path)])
+    assert (tmp_path / "lm_quality.png").stat().st_size > 10_000
+    assert capsys.readouterr().out.count("\n| ") == 4
 
     # again for one family: the corpus is reused, the finished run trains nothing more,
     # its row is replaced (with the same numbers) and the others are kept

@@ -5,7 +5,8 @@
 One PNG per experiment found in the inputs (shards of one sweep are merged):
 set_disjointness.png has a panel per set order (accuracy averaged over that order's test
 cells), mqar.png one panel averaged over all test cells, and a panel of training-loss curves
-when the runs recorded them. A point is the best run at that
+when the runs recorded them; lm_quality.png (from lm_quality's JSON) each model's held-out
+loss on fresh text and on a repeat of text it read just before. A point is the best run at that
 (model, state size), over learning rates and seeds, as in the paper. The tables (one row per
 point, one column per test cell) go to stdout, ready for docs/RESULTS.md. Needs matplotlib.
 """
@@ -120,6 +121,45 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_lm_quality(runs: list[dict], out: Path) -> Path:
+    """Per model, the loss after the prefix on fresh held-out text and on a repeat of the
+    window's start: the gap between the two bars is what the model recalls from context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = {"fresh text": "loss_after_prefix", "a repeat of text read before": "loss_repeat"}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    width = 0.8 / len(bars)
+    for i, (label, key) in enumerate(bars.items()):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(runs))]
+        heights = [run["valid"][key] for run in runs]
+        ax.bar(xs, heights, width, label=label)
+        for x, height in zip(xs, heights):
+            ax.annotate(f"{height:.2f}", (x, height), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(runs)), [run["preset"] for run in runs])
+    ax.set_ylabel("held-out loss (nats), positions >= M")
+    ax.set_title(f"LM quality at {runs[0]['tokens'] / 1e6:.0f}M tokens")
+    ax.set_ylim(0, 1.3 * max(run["valid"][key] for run in runs for key in bars.values()))
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = out / "lm_quality.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def lm_quality_table(runs: list[dict]) -> str:
+    lines = ["| model | loss on fresh text | loss on a repeat | recalled (nats) |",
+             "|---|---|---|---|"]
+    for run in runs:
+        fresh, repeat = run["valid"]["loss_after_prefix"], run["valid"]["loss_repeat"]
+        lines.append(f"| {run['preset']} | {fresh:.3f} | {repeat:.3f} | {fresh - repeat:+.3f} |")
+    return "\n".join(lines)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -137,7 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     for experiment, runs in load_runs(args.results).items():
         if not runs:
             continue
-        print(f"## {experiment}: {plot(experiment, runs, args.out)}\n\n{table(runs)}\n")
+        if experiment == "lm_quality":
+            print(f"## {experiment}: {plot_lm_quality(runs, args.out)}\n\n"
+                  f"{lm_quality_table(runs)}\n")
+        else:
+            print(f"## {experiment}: {plot(experiment, runs, args.out)}\n\n{table(runs)}\n")
 
 
 if __name__ == "__main__":
