@@ -121,6 +121,11 @@ def test_tiny_end_to_end_then_a_rerun_reuses_corpus_and_checkpoint(tmp_path, cap
     plot.main([str(out), "--out", str(tmp_path)])
     assert (tmp_path / "lm_quality.png").stat().st_size > 10_000
     assert capsys.readouterr().out.count("\n| ") == 4
+    older = json.loads(out.read_text())  # a JSON from before the repeat was scored
+    del older["runs"][1]["valid"]["loss_repeat"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    with pytest.raises(SystemExit, match="based-tiny have no loss on a repeat"):
+        plot.main([str(tmp_path / "older.json"), "--out", str(tmp_path)])
 
     # again for one family: the corpus is reused, the finished run trains nothing more,
     # its row is replaced (with the same numbers) and the others are kept

@@ -129,6 +129,10 @@ def plot_lm_quality(runs: list[dict], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    unscored = [run["preset"] for run in runs if "loss_repeat" not in run["valid"]]
+    if unscored:
+        raise SystemExit(f"lm_quality: {', '.join(unscored)} have no loss on a repeat (written "
+                         "before it was measured); run the experiment again to score them")
     bars = {"fresh text": "loss_after_prefix", "a repeat of text read before": "loss_repeat"}
     fig, ax = plt.subplots(figsize=(6, 3.6))
     width = 0.8 / len(bars)
