@@ -8,9 +8,6 @@ small shapes. GPU tests (marked gpu): realistic shapes in bf16 and fp32.
 Tolerances are on ||out - ref|| / ||ref|| (fp64 reference on the same, upcast inputs): bf16
 1e-2 (one bf16 rounding of y and du; dy is rounded to bf16 too), fp32 1e-5.
 """
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -19,7 +16,7 @@ import torch
 import kernels.baseconv as bc
 from kernels.baseconv import conv_tail, gated_causal_conv, gated_causal_conv_reference
 from kernels.baseconv.reference import gated_causal_conv_conv1d
-from tests.fakes import OnCuda, fallback_warnings, replace_kernels
+from tests.fakes import OnCuda, fallback_warnings, kernel_state_fixture, run_under_interpreter
 
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
@@ -100,11 +97,7 @@ def test_decoding_token_by_token_equals_the_sequence():
 
 # ---- the dispatcher ---------------------------------------------------------------------------
 
-@pytest.fixture
-def kernel_state(monkeypatch):
-    def set_state(module, error):
-        replace_kernels(monkeypatch, bc, module, error)
-    return set_state
+kernel_state = kernel_state_fixture(bc)
 
 
 def _warnings_of(calls):
@@ -171,11 +164,7 @@ print("INTERPRET OK")
 
 def test_triton_kernels_under_interpreter():
     """The fused kernels on CPU via TRITON_INTERPRET=1 (fp32 and bf16, tiny shapes; ~10 s)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _INTERPRET_SNIPPET], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600)
+    r = run_under_interpreter(_INTERPRET_SNIPPET)
     assert r.returncode == 0 and "INTERPRET OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -13,9 +13,6 @@ Tolerances are on ||out - exact|| / ||exact|| (exact: fp64 on the same, upcast l
 interpreter truncates where the GPU rounds to nearest, hence not tighter).
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +21,7 @@ import torch.nn.functional as F
 import kernels.cross_entropy as ce
 from kernels.cross_entropy import (vocab_parallel_cross_entropy,
                                    vocab_parallel_cross_entropy_reference)
-from tests.fakes import OnCuda, fallback_warnings, replace_kernels
+from tests.fakes import OnCuda, fallback_warnings, kernel_state_fixture, run_under_interpreter
 from tests.multiproc import launch
 
 GRAD_TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5}
@@ -169,11 +166,7 @@ def test_tp2_halves_equal_the_whole_vocabulary(monkeypatch):
 
 # ---- the dispatcher ---------------------------------------------------------------------------
 
-@pytest.fixture
-def kernel_state(monkeypatch):
-    def set_state(module, error):
-        replace_kernels(monkeypatch, ce, module, error)
-    return set_state
+kernel_state = kernel_state_fixture(ce)
 
 
 def _warnings_of(calls):
@@ -298,11 +291,7 @@ print("INTERPRET OK")
 
 def test_triton_kernels_under_interpreter():
     """The fused kernels on CPU via TRITON_INTERPRET=1 (fp32, bf16, fp16, tiny shapes)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _INTERPRET_SNIPPET], env=env, cwd=root,
-                       capture_output=True, text=True, timeout=600)
+    r = run_under_interpreter(_INTERPRET_SNIPPET)
     assert r.returncode == 0 and "INTERPRET OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 

@@ -10,19 +10,15 @@ Triton's interpreter. GPU (marked gpu): the Triton path against the plain path i
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.fakes import run_under_interpreter
 from tests.hf_tiny import PREFIX, greedy, left_pad, random_prompts, returned_cache, tiny_model
 
 pytest.importorskip("transformers")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Recorder:
@@ -219,10 +215,7 @@ for index in (0, 3):  # the PLA layers' states
 def test_the_triton_kernels_in_the_model_under_the_interpreter():
     """The real kernels (TRITON_INTERPRET=1, in a subprocess: the flag is read when they are
     defined) against the plain path: logits at real positions and the PLA states."""
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", _INTERPRETER], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = run_under_interpreter(_INTERPRETER)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line.split() for line in result.stdout.splitlines()]
     assert [name for name, _ in lines] == ["logits"] + ["state"] * 4

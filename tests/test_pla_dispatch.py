@@ -4,14 +4,13 @@ No GPU needed: a CPU tensor that reports ``is_cuda`` drives the dispatcher's dec
 the Triton module (or its import error) is replaced for the test.
 """
 import types
-import warnings
 
 import pytest
 import torch
 
 import kernels.pla as pla
 from kernels.pla import encoder_state, pla_decode_step, pla_prefill, prefix_linear_attention
-from tests.fakes import OnCuda, replace_kernels
+from tests.fakes import OnCuda, fallback_warnings, kernel_state_fixture
 
 
 def _inputs(f: int = 16, on_cuda: bool = False):
@@ -23,19 +22,10 @@ def _inputs(f: int = 16, on_cuda: bool = False):
 
 
 def _fallback_warnings(calls) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for call in calls:
-            call()
-    return [str(w.message) for w in caught if str(w.message).startswith("PLA:")]
+    return fallback_warnings(calls, "PLA")[1]
 
 
-@pytest.fixture
-def kernels_state(monkeypatch):
-    """Set the dispatcher's Triton module and import error; nothing warned yet."""
-    def set_state(module, error):
-        replace_kernels(monkeypatch, pla, module, error)
-    return set_state
+kernels_state = kernel_state_fixture(pla)
 
 
 def test_cuda_fallback_after_import_error_warns_once_naming_it(kernels_state):

@@ -9,14 +9,12 @@ Tolerances are on ||out - ref|| / ||ref|| (fp64 reference on upcast inputs):
 bf16 inputs 2e-2 (bf16 operands in every matmul, fp32 accumulation and state),
 fp32 inputs 1e-5 (IEEE fp32 matmuls).
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from kernels.pla.reference import PLAState, pla_decode_step, pla_prefill_reference, pla_reference
+from tests.fakes import run_under_interpreter
 
 TOL = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
 
@@ -157,7 +155,5 @@ print("INTERPRET OK")
 
 def test_triton_kernels_under_interpreter():
     """The same kernels on CPU via TRITON_INTERPRET=1 (chunk 16, fp32, tiny shapes; ~15 s)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _INTERPRET_SNIPPET], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    r = run_under_interpreter(_INTERPRET_SNIPPET)
     assert r.returncode == 0 and "INTERPRET OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
