@@ -169,6 +169,11 @@ def destroy_distributed() -> None:
     parallel_state = sys.modules.get("megatron.core.parallel_state")  # None: never set up
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # megatron's RotaryEmbedding memoises forward per module (an lru_cache on the method), which
+    # would keep finished models' rotary modules, and through them their process groups, alive.
+    rotary = sys.modules.get("megatron.core.models.common.embeddings.rotary_pos_embedding")
+    if rotary is not None:
+        rotary.RotaryEmbedding.forward.cache_clear()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -169,7 +169,7 @@ def _run_in_terminal(args: list[str], env: dict, cwd: Path, timeout: float = 180
     from a user's shell: a question asked with input() shows in the output (and waits)."""
     import os
     import pty
-    import select
+    import selectors
     import subprocess
     import time
 
@@ -178,8 +178,10 @@ def _run_in_terminal(args: list[str], env: dict, cwd: Path, timeout: float = 180
                                cwd=cwd)
     os.close(follower)
     output, deadline = b"", time.monotonic() + timeout
+    readable = selectors.DefaultSelector()  # epoll: select() fails on descriptors past 1023
+    readable.register(leader, selectors.EVENT_READ)
     while time.monotonic() < deadline:
-        if select.select([leader], [], [], 1.0)[0]:
+        if readable.select(1.0):
             try:
                 chunk = os.read(leader, 65536)
             except OSError:  # EIO: the process closed the terminal
@@ -189,6 +191,7 @@ def _run_in_terminal(args: list[str], env: dict, cwd: Path, timeout: float = 180
             output += chunk
         elif process.poll() is not None:
             break
+    readable.close()
     os.close(leader)
     if process.poll() is None:
         process.kill()

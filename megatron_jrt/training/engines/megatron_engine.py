@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from megatron.core.utils import get_model_config
+
 from megatron_jrt.batch import JRTBatch
 from megatron_jrt.checkpoint import CheckpointSaver, CheckpointState, load_checkpoint
 from megatron_jrt.training.optim import build_optimizer
@@ -73,4 +75,13 @@ class MegatronEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     def close(self) -> None:
-        """Nothing to release: megatron's state goes with `destroy_distributed`."""
+        """Break the reference cycles that pass through C++, which Python's collector cannot
+        see: DDP's `grad_accs` hold each parameter's gradient accumulator, whose backward hook
+        refers back to the DDP; the optimizer's views of the parameters reach the same
+        accumulators, and the model config refers to the optimizer (`grad_scale_func`). Left
+        alone, the model, optimizer state and process groups of every finished run stay in
+        memory (and their descriptors open) for the life of the process. The model trains no
+        further after this (sampling only runs forward)."""
+        for chunk in self.chunks:
+            getattr(chunk, "grad_accs", []).clear()
+        get_model_config(self.chunks[0]).grad_scale_func = None
