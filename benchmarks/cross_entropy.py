@@ -17,13 +17,12 @@ own passes (the logits read forward and backward, the gradient written once).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 
 import torch
 import triton
-from gpu_timing import ms, peak_mib  # a sibling: benchmarks/ is on sys.path
+from gpu_timing import (  # siblings: benchmarks/ is on sys.path
+    fastest, ms, peak_mib, require_cuda, shapes_parser, token_shapes,
+    write_json)
 
 from kernels.cross_entropy import triton_cross_entropy as T
 
@@ -89,29 +88,12 @@ def tune(s=2048, b=16):
     kernels = {"FWD_CONFIG": lambda: T.local_lse_and_label_logit(x, y, 0),
                "BWD_CONFIG": lambda: T.logits_grad(x, y, lse, dloss.view(-1), 0, out)}
     for attr, run in kernels.items():
-        results = []
-        for cfg in TUNE:
-            setattr(T, attr, cfg)
-            try:
-                t = ms(run)
-            except Exception as e:  # e.g. out of registers
-                print(f"  tune {attr} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
-                continue
-            print(f"  tune {attr} {cfg}: {t:.3f} ms")
-            results.append((t, cfg))
-        setattr(T, attr, min(results)[1])
-        print(f"best {attr}: {getattr(T, attr)}")
+        fastest(attr, TUNE, lambda cfg: setattr(T, attr, cfg), run)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="2048x16,8192x2", help="tokens as s x b, comma separated")
-    ap.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s for the floor (H200)")
-    ap.add_argument("--tune", action="store_true", help="sweep the kernels' blocks and warps first")
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/cross_entropy.py needs a CUDA GPU (megatron's fused loss and the "
+    args = shapes_parser("sweep the kernels' blocks and warps first").parse_args()
+    require_cuda("benchmarks/cross_entropy.py needs a CUDA GPU (megatron's fused loss and the "
                  "Triton kernels run only there)")
     from megatron.core import parallel_state
 
@@ -124,10 +106,8 @@ def main():
         tune()
     print(f"kernel configs (columns per block, warps): forward {T.FWD_CONFIG}, "
           f"backward {T.BWD_CONFIG}")
-    rows = []
-    for shape in args.shapes.split(","):
-        s, b = (int(n) for n in shape.split("x"))
-        rows += rows_for(s, b, group, args.bandwidth)
+    rows = [row for s, b in token_shapes(args.shapes)
+            for row in rows_for(s, b, group, args.bandwidth)]
     for row in rows:
         base = next((r for r in rows if r["method"] == "native" and r["s"] == row["s"]
                      and r["b"] == row["b"]), None)
@@ -143,12 +123,8 @@ def main():
               f"{r['kernel_passes_floor_ms']:9.3f}")
     print(f"floor: the logits read once and the gradient written once at {args.bandwidth} TB/s; "
           "3-pass: the kernels' reads (forward, backward) and write")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           triton=triton.__version__, fwd_config=T.FWD_CONFIG,
-                           bwd_config=T.BWD_CONFIG, bandwidth_tbs=args.bandwidth, rows=rows),
-                      fh, indent=1)
+    write_json(args.json, fwd_config=T.FWD_CONFIG, bwd_config=T.BWD_CONFIG,
+               bandwidth_tbs=args.bandwidth, rows=rows)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 benchmarks/ is on sys.path when they run as scripts)."""
 from __future__ import annotations
 
-from typing import Callable
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
 
 import torch
 from triton.testing import do_bench
@@ -21,3 +24,71 @@ def peak_mib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """The replay of `fn` captured in a CUDA graph (warmed up first on a side stream, as capture
+    needs): timing it times the GPU's work alone, as in a training step where the GPU runs ahead
+    of Python."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def fastest(label: str, candidates: Sequence, apply: Callable[[object], None],
+            run: Callable[[], object], timer: Callable[[Callable[[], object]], float] = ms):
+    """A kernel-config sweep: `apply` each candidate, time `run`; a candidate that fails (e.g.
+    out of registers) is skipped. Applies the fastest and returns it."""
+    results = []
+    for index, candidate in enumerate(candidates):
+        apply(candidate)
+        try:
+            t = timer(run)
+        except Exception as e:
+            print(f"  tune {label} {candidate}: failed {type(e).__name__}: {str(e)[:120]}")
+            continue
+        print(f"  tune {label} {candidate}: {t:.4f} ms")
+        results.append((t, index))
+    best = candidates[min(results)[1]]
+    apply(best)
+    print(f"best {label}: {best}")
+    return best
+
+
+def shapes_parser(tune_help: str) -> argparse.ArgumentParser:
+    """The options of the kernel benchmarks over [s, b] token shapes: --shapes, --bandwidth (for
+    the HBM floor), --tune, --json."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="2048x16,8192x2", help="tokens as s x b, comma separated")
+    ap.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s for the floor (H200)")
+    ap.add_argument("--tune", action="store_true", help=tune_help)
+    ap.add_argument("--json", default=None)
+    return ap
+
+
+def token_shapes(text: str) -> list[tuple[int, int]]:
+    """--shapes "2048x16,8192x2" -> [(2048, 16), (8192, 2)]."""
+    return [tuple(int(n) for n in shape.split("x")) for shape in text.split(",")]
+
+
+def write_json(path: str | None, **fields) -> None:
+    """The benchmark's results at `path` (if given), with the device and software they ran on."""
+    if path:
+        import triton
+
+        with open(path, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, **fields), fh, indent=1)
+
+
+def require_cuda(why: str) -> None:
+    """Exit with `why` (the script and what it needs) on a machine without a CUDA GPU."""
+    if not torch.cuda.is_available():
+        sys.exit(why)

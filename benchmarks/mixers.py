@@ -1,9 +1,10 @@
 """BaseConv's gate and sliding-window attention: the fast paths against the paths they replace.
 
-BaseConv gate, y = silu(conv(u1)) * u2 from in_proj's output u [s, b, 2c] (bf16, c = 2048 as in
-jrt-360m at TP=1; grads to u and the conv weight):
-  former   chunk, permute, cat of a zero tail, F.conv1d depthwise, silu, permute, multiply
-  fused    kernels/baseconv's Triton kernel (what the mixer runs on CUDA now)
+BaseConv gate, y = silu(conv(u1)) * u2 from in_proj's output u [s, b, 2c] and its bias [2c]
+(bf16, c = 2048 as in jrt-360m at TP=1; grads to u, the conv weight and the bias):
+  former   the bias add (megatron's in in_proj), chunk, permute, cat of a zero tail, F.conv1d
+           depthwise, silu, permute, multiply
+  fused    kernels/baseconv's Triton kernel, adding the bias as it reads u (the mixer on CUDA now)
   compiled torch.compile of the plain reference (for the record; --no-compile skips it)
 Sliding-window attention (16 heads, d 64, window 128, bf16; q, k, v are views of one mixed
 [s, b, h, 3d] tensor as megatron's SelfAttention hands them over; grads to it; including the
@@ -23,10 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
-from gpu_timing import ms, peak_mib  # a sibling: benchmarks/ is on sys.path
+from gpu_timing import fastest, ms, peak_mib, require_cuda  # siblings on sys.path
 
 from kernels.baseconv.reference import gated_causal_conv_conv1d, gated_causal_conv_reference
 from kernels.baseconv import triton_baseconv as T
@@ -48,8 +48,21 @@ def copy_gbs():
 def conv_inputs(s, b, c=CONV_C, k=3):
     u = torch.randn(s, b, 2 * c, device=DEVICE, dtype=DT, requires_grad=True)
     w = (torch.randn(c, 1, k, device=DEVICE, dtype=DT) * 0.3).requires_grad_()
+    bias = torch.randn(2 * c, device=DEVICE, dtype=DT, requires_grad=True)
     dy = torch.randn(s, b, c, device=DEVICE, dtype=DT)
-    return u, w, dy
+    return (u, w, bias), dy
+
+
+def former(u, w, bias):
+    return gated_causal_conv_conv1d(u + bias, w)
+
+
+def fused(u, w, bias):
+    return T.gated_causal_conv_triton(u, w, None, bias)
+
+
+def reference(u, w, bias):
+    return gated_causal_conv_reference(u, w, bias=bias)
 
 
 def fwd_bwd(fn, inputs, dy):
@@ -57,10 +70,10 @@ def fwd_bwd(fn, inputs, dy):
 
 
 def conv_rows(s, b, bw, compile_ref):
-    u, w, dy = conv_inputs(s, b)
-    methods = {"former": gated_causal_conv_conv1d, "fused": T.gated_causal_conv_triton}
+    inputs, dy = conv_inputs(s, b)
+    methods = {"former": former, "fused": fused}
     if compile_ref:
-        methods["compiled"] = torch.compile(gated_causal_conv_reference)
+        methods["compiled"] = torch.compile(reference)
     # fewest bytes: forward reads u, writes y; backward reads u, dy, writes du (w is tiny)
     c = CONV_C
     fwd_bytes = s * b * 3 * c * 2
@@ -69,8 +82,8 @@ def conv_rows(s, b, bw, compile_ref):
     for name, fn in methods.items():
         try:
             with torch.no_grad():
-                t_f = ms(lambda: fn(u, w))
-            step = fwd_bwd(fn, (u, w), dy)
+                t_f = ms(lambda: fn(*inputs))
+            step = fwd_bwd(fn, inputs, dy)
             t_fb = ms(step)
             mem = peak_mib(step)
         except Exception as e:  # e.g. the compiler missing on this machine
@@ -92,22 +105,11 @@ TUNE = {"fwd": [(32, 128, 4), (64, 128, 4), (16, 256, 4), (32, 256, 8), (64, 64,
 
 
 def tune(s=2048, b=8):
-    u, w, dy = conv_inputs(s, b)
+    inputs, dy = conv_inputs(s, b)
     for kind in TUNE:
-        res = []
-        for cfg in TUNE[kind]:
-            T._CFG[kind] = cfg
-            fn = ((lambda: T.gated_causal_conv_triton(u.detach(), w.detach())) if kind == "fwd"
-                  else fwd_bwd(T.gated_causal_conv_triton, (u, w), dy))
-            try:
-                t = ms(fn)
-            except Exception as e:
-                print(f"  tune {kind} {cfg}: failed {type(e).__name__}: {str(e)[:120]}")
-                continue
-            print(f"  tune {kind} {cfg}: {t:.3f} ms")
-            res.append((t, cfg))
-        T._CFG[kind] = min(res)[1]
-        print(f"best {kind}: {T._CFG[kind]}")
+        run = ((lambda: fused(*(x.detach() for x in inputs))) if kind == "fwd"
+               else fwd_bwd(fused, inputs, dy))
+        fastest(kind, TUNE[kind], lambda cfg: T._CFG.__setitem__(kind, cfg), run)
 
 
 # ----------------------------------------------------------------------------- SWA
@@ -169,8 +171,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled reference and flex")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/mixers.py needs a CUDA GPU")
+    require_cuda("benchmarks/mixers.py needs a CUDA GPU")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.tune:
         tune()

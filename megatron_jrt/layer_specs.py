@@ -1,7 +1,8 @@
 """megatron-core layer specs for JRT-RNN: the layer pattern as data.
 
 Every layer is megatron-core's TransformerLayer (pre-norm RMSNorm -> mixer -> residual ->
-RMSNorm -> gated MLP -> residual); only the module in the self-attention slot differs.
+RMSNorm -> gated MLP -> residual); only the module in the self-attention slot differs. The
+norms are megatron_jrt.norm's (torch.nn.RMSNorm's weight, fused kernels on CUDA).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from megatron_jrt.mixers.attention import CausalCoreAttention, RecurrentSelfAtte
 from megatron_jrt.mixers.baseconv import BaseConv, BaseConvSubmodules
 from megatron_jrt.mixers.pla import PrefixLinearAttention, PrefixLinearAttentionSubmodules
 from megatron_jrt.mixers.swa import SlidingWindowCoreAttention
+from megatron_jrt.norm import RMSNorm
 
 # apex / Transformer Engine would be picked here; the local provider needs neither.
 _BACKEND = LocalSpecProvider()
@@ -56,14 +58,13 @@ def mixer_spec(kind: str, cfg: JRTModelConfig) -> ModuleSpec:
 
 
 def layer_spec(kind: str, cfg: JRTModelConfig) -> ModuleSpec:
-    norm = _BACKEND.layer_norm(rms_norm=True)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
+            input_layernorm=RMSNorm,
             self_attention=mixer_spec(kind, cfg),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=norm,
+            pre_mlp_layernorm=RMSNorm,
             mlp=get_mlp_module_spec_for_backend(_BACKEND),
             mlp_bda=get_bias_dropout_add,
         ),
@@ -77,4 +78,4 @@ def block_spec(cfg: JRTModelConfig, transformer_config, pp_rank: int | None = No
     per_stage = cfg.num_layers // transformer_config.pipeline_model_parallel_size
     offset = get_transformer_layer_offset(transformer_config, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=layers[offset:offset + per_stage],
-                                      layer_norm=_BACKEND.layer_norm(rms_norm=True))
+                                      layer_norm=RMSNorm)

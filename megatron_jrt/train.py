@@ -204,7 +204,7 @@ def _train(cfg: TrainConfig, tokenizer, model_cfg, shutdown) -> TrainResult:
         from megatron_jrt.training.compile import compile_model
 
         _print(f"training.compile: {len(compile_model(model, model_cfg))} modules compiled "
-               "(norms, MLPs, full-attention mixers); the first steps compile them")
+               "(MLPs, full-attention mixers); the first steps compile them")
     # The engine (training.engine) wraps the model with its optimizer and LR schedule.
     num_microbatches = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp_world)
     engine = build_engine(cfg, model, transformer_config, bf16=bf16, dp_world=dp_world,

@@ -119,7 +119,7 @@ class TrainingSection:
     # true: also on CPU (a slower start, the fusions are torch.compile'd there too);
     # false: off everywhere (the plain path, to measure or compare against).
     fusions: bool | None = None
-    # torch.compile of every layer's norms and MLP and of full-attention mixers
+    # torch.compile of every layer's MLP and of full-attention mixers
     # (`megatron_jrt.training.compile`): fused elementwise work; inductor compiles during the
     # first steps (tens of seconds). Off by default until measured on GPU (docs/PERFORMANCE.md).
     compile: bool = False

@@ -1,13 +1,13 @@
 """The training-throughput paths compute what the plain paths compute.
 
 CPU: torch's fused AdamW (`build_optimizer(fused_adam=True)`) takes the same steps as megatron's
-foreach AdamW, also after loading an unfused optimizer's state, and a fused run resumes from a
+foreach AdamW, the foreach gradient norm and scaling equal megatron's local ones, also after loading an unfused optimizer's state, and a fused run resumes from a
 checkpoint bit-exact; `training.fusions` (megatron's SwiGLU fusion and the fused AdamW) and
 `training.compile` leave the losses of jrt-tiny and transformer-tiny runs unchanged within fp32
 tolerance; benchmarks/train_throughput.py measures both the stack and the plain Transformer++
 (of the same size) and writes its JSON; an out-of-memory row does not end the table.
 GPU: 50 steps of the fast path (fusions, compile, fused AdamW, bf16) follow the plain path's
-loss curve within bf16 noise.
+loss curve within bf16 noise; the foreach gradient norm makes no host sync.
 """
 import copy
 import json
@@ -109,6 +109,56 @@ def test_fused_adamw_takes_the_foreach_steps(use_distributed_optimizer):
             # operations apart, which shows where sqrt(v) is near eps
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"step {step}")
         assert step == 0 or moved > 1e-4  # the weights really move
+
+
+def _grad_like(device: str = "cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(n, generator=g).to(device) for n in (7, 1000, 33)]
+
+
+def test_foreach_grad_norm_and_scale_match_megatrons_local_ones():
+    """training.multi_tensor against megatron's own fallbacks (no apex/TE): the clipping norm,
+    scaling in place and between lists, and the main-to-model copy (scale 1, fp32 to bf16)."""
+    from megatron.core import utils
+
+    from megatron_jrt.platform import ensure_platform
+    from megatron_jrt.training import multi_tensor
+
+    ensure_platform()  # megatron's local norm puts its result on "cuda"
+    grads = _grad_like()
+    norm, none = multi_tensor.l2_norm(0, None, [grads], False)
+    megatron_norm, _ = utils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    assert none is None and norm.shape == (1,) and norm.dtype == torch.float32
+    torch.testing.assert_close(norm, megatron_norm.cpu(), rtol=1e-6, atol=0)
+    for factor, dtype, in_place in ((0.5, torch.float32, True), (0.5, torch.float32, False),
+                                    (1.0, torch.bfloat16, False)):
+        ours, theirs = ([t.clone() if in_place else torch.zeros_like(t, dtype=dtype)
+                         for t in grads] for _ in range(2))
+        sources = (ours, theirs) if in_place else (grads, grads)
+        multi_tensor.scale(0, None, [sources[0], ours], factor)
+        utils.local_multi_tensor_scale(0, None, [sources[1], theirs], factor)
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b) and a.dtype == dtype
+    with pytest.raises(NotImplementedError):
+        multi_tensor.l2_norm(0, None, [grads], True)
+
+
+def test_the_fusions_switch_selects_the_multi_tensor_functions():
+    """On with the fusions (fused_adam), megatron's own fallbacks without: a later run in the
+    same process gets what its own config says."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_jrt.training import multi_tensor
+
+    try:
+        assert multi_tensor.use_foreach_multi_tensor(True)
+        assert clip_grads.l2_norm_impl is multi_tensor.l2_norm
+        assert clip_grads.multi_tensor_scale_impl is multi_tensor.scale
+        assert not multi_tensor.use_foreach_multi_tensor(False)
+        assert clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm
+    finally:
+        multi_tensor.use_foreach_multi_tensor(False)
 
 
 def _fused_resume(run_dir: str):
@@ -267,6 +317,24 @@ def test_an_out_of_memory_row_keeps_the_table_going(monkeypatch):
 
 
 # --------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+def test_foreach_grad_norm_makes_no_host_sync_on_gpu():
+    """megatron's local norm syncs once per tensor (`torch.tensor` of device norms); ours not."""
+    from megatron.core import utils
+
+    from megatron_jrt.training import multi_tensor
+
+    grads = _grad_like("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        multi_tensor.l2_norm(0, None, [grads], False)
+        multi_tensor.scale(0, None, [grads, grads], 0.5)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            utils.local_multi_tensor_l2_norm(0, None, [grads], False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
 
 def _fast_and_plain(preset: str, run_dir: str, data: dict):
     """50 steps of the demo corpus, bf16, with the fast path and with the plain path."""

@@ -4,7 +4,9 @@ Channels are split across TP ranks. Like megatron's gated MLP, each rank's slice
 holds its own [u1, u2] halves; the checkpoint stores the global [u1, u2] layout through
 megatron's swiglu sharded-tensor factory, so checkpoints reshard across TP sizes.
 The gate silu(conv(u1)) * u2 is kernels.baseconv.gated_causal_conv: one fused Triton kernel on
-CUDA that reads in_proj's [s, b, 2c] output in place (no chunk, permute or cat copies).
+CUDA that reads in_proj's [s, b, 2c] output in place (no chunk, permute or cat copies) and adds
+in_proj's bias as it reads (in_proj skips its add: one elementwise pass over u fewer, forward
+and backward); the bias stays in_proj's parameter, so checkpoints are unchanged.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from megatron_jrt.mixers import MixerOutput
 
 @dataclass
 class BaseConvState:
-    """The u1 inputs of the last k-1 tokens, [b, local channels, k-1], oldest first."""
+    """The u1 inputs (bias included) of the last k-1 tokens, [b, local channels, k-1], oldest
+    first."""
 
     tail: Tensor
 
@@ -52,7 +55,7 @@ class BaseConv(MegatronModule):
         # weight, so the model is the same function whatever the TP size (as megatron's MLP).
         self.in_proj = build_module(
             submodules.in_proj, config.hidden_size, 2 * width, config=config,
-            init_method=config.init_method, gather_output=False, bias=True, skip_bias_add=False,
+            init_method=config.init_method, gather_output=False, bias=True, skip_bias_add=True,
             is_expert=False, tp_comm_buffer_name=None, tp_group=tp_group, stride=2)
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         self.conv_weight = nn.Parameter(
@@ -80,18 +83,20 @@ class BaseConv(MegatronModule):
         with torch.no_grad():
             self.conv_weight.copy_(local)
 
-    def _gate(self, hidden_states: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def _gate(self, hidden_states: Tensor, tail: Tensor | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
         """silu(conv(u1)) * u2 for [s, b, d] inputs after `tail` ([b, channels, k-1] earlier
-        u1 values; zeros at the start) -> (gated [s, b, channels], in_proj's output u)."""
-        u, _ = self.in_proj(hidden_states)  # [s, b, 2 * local_width]: per rank [u1, u2]
-        return gated_causal_conv(u, self.conv_weight, tail), u
+        biased u1 values; zeros at the start) -> (gated [s, b, channels], in_proj's output u
+        without its bias, the bias)."""
+        u, bias = self.in_proj(hidden_states)  # [s, b, 2 * local_width]: per rank [u1, u2]
+        return gated_causal_conv(u, self.conv_weight, tail, bias), u, bias
 
     def forward(self, hidden_states: Tensor, attention_mask=None, inference_context=None,
                 **kwargs) -> tuple[Tensor, Tensor | None]:
         if inference_context is not None:
             raise NotImplementedError("megatron inference contexts are not supported; "
                                       "use megatron_jrt.inference")
-        gated, _ = self._gate(hidden_states)
+        gated, _, _ = self._gate(hidden_states)
         return self.out_proj(gated)
 
     # The recurrent interface (megatron_jrt.mixers.RecurrentMixer); the state is BaseConvState.
@@ -99,14 +104,14 @@ class BaseConv(MegatronModule):
     def prefill(self, hidden_states: Tensor, *, rotary_pos_emb: Tensor | None = None
                 ) -> tuple[MixerOutput, BaseConvState]:
         """The forward over a prompt, and its last k-1 conv inputs. Rotary is ignored."""
-        gated, u = self._gate(hidden_states)
-        return self.out_proj(gated), BaseConvState(conv_tail(u, self.kernel_size))
+        gated, u, bias = self._gate(hidden_states)
+        return self.out_proj(gated), BaseConvState(conv_tail(u, self.kernel_size, bias=bias))
 
     def step(self, hidden_states: Tensor, state: BaseConvState, *,
              rotary_pos_emb: Tensor | None = None) -> tuple[MixerOutput, BaseConvState]:
         """One token per sequence ([1, b, d]) after the conv inputs in `state`."""
-        gated, u = self._gate(hidden_states, state.tail)
-        return self.out_proj(gated), BaseConvState(conv_tail(u, self.kernel_size, state.tail))
+        gated, u, bias = self._gate(hidden_states, state.tail)
+        return self.out_proj(gated), BaseConvState(conv_tail(u, self.kernel_size, state.tail, bias))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None):

@@ -2,16 +2,17 @@
 
 Eager, every elementwise op of a layer is its own kernel and its own pass over [s, b, width]
 activations: the SwiGLU's silu, product and the backward's products and concatenation, the
-norms, the rotary embedding of full attention. Compiled, each of these parts becomes a few fused
-kernels forward and backward, and AOTAutograd saves fewer activations.
+rotary embedding of full attention. Compiled, each of these parts becomes a few fused kernels
+forward and backward, and AOTAutograd saves fewer activations.
 
-What is compiled, per layer: the two norms and the MLP; the whole mixer for full attention
-(`A`: qkv split, rotary, SDPA, output projection). The final norm too. Not compiled, and why:
+What is compiled, per layer: the MLP; the whole mixer for full attention (`A`: qkv split,
+rotary, SDPA, output projection). Not compiled, and why:
   * whole layers and the sliding-window mixer (`S`): on CPU inductor's code for the blocked
     sliding-window path aborts the process in its backward (torch 2.13), and on CUDA that
     path is FlashAttention's varlen kernel behind Python checks;
   * PLA and BaseConv: their work is in (or moving to) Triton kernels, which compile would only
-    wrap; the glue around them is small.
+    wrap; the glue around them is small;
+  * the norms (megatron_jrt.norm): one fused Triton kernel each way already (kernels/rms_norm).
 Modules are compiled in place (`nn.Module.compile`), so parameter names and checkpoints are
 unchanged. Layers of the same kind share one compiled graph: the compile cost is per kind of
 module, not per layer.
@@ -25,7 +26,7 @@ from torch import nn
 
 from megatron_jrt.config import ATTENTION, JRTModelConfig
 
-_LAYER_PARTS = ("input_layernorm", "pre_mlp_layernorm", "mlp")
+_LAYER_PARTS = ("mlp",)
 
 
 def compile_model(model: nn.Module, cfg: JRTModelConfig) -> list[str]:
@@ -42,8 +43,4 @@ def compile_model(model: nn.Module, cfg: JRTModelConfig) -> list[str]:
         for part in parts:
             layer.get_submodule(part).compile()
             names.append(f"decoder.layers.{index}.{part}")
-    final_norm = getattr(model.decoder, "final_layernorm", None)
-    if final_norm is not None:  # the last pipeline stage's
-        final_norm.compile()
-        names.append("decoder.final_layernorm")
     return names

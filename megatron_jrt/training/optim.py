@@ -22,6 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.utils import get_model_config
 
 from megatron_jrt.megatron_workarounds import init_offload_adam_state
+from megatron_jrt.training.multi_tensor import use_foreach_multi_tensor
 
 
 def build_optimizer(
@@ -55,7 +56,9 @@ def build_optimizer(
     then decays to ``min_lr`` at ``decay_steps`` (``lr_decay_style``: "cosine", "linear",
     "constant", "inverse-square-root").
     ``fused_adam``: run torch's fused AdamW kernel where megatron falls back to torch AdamW
-    (same update, one kernel per parameter group; TE's and apex's Adam are fused already).
+    (same update, one kernel per parameter group; TE's and apex's Adam are fused already), and
+    torch's foreach kernels for the gradient norm and clipping where megatron falls back to
+    its local ones (`training.multi_tensor`: no host sync per parameter).
     ``cpu_offload``: megatron-core's optimizer CPU offload of ``offload_fraction`` of the state
     (module docstring); its sub-optimizers are torch's fused AdamW whatever ``fused_adam`` says.
     It needs bf16, ``use_distributed_optimizer`` (ValueError) and CUDA (a ConfigError naming
@@ -89,6 +92,7 @@ def build_optimizer(
     if cpu_offload:
         _precision_aware(config)
     optimizer = get_megatron_optimizer(config, list(model_chunks))
+    use_foreach_multi_tensor(fused_adam)
     # Offload: the HybridDeviceOptimizer builds its own fused torch AdamWs (CPU and GPU) and,
     # on a load, gives every parameter its own step count; `_own_steps` would move those
     # counts to the GPU beside the (GPU) shard parameters, away from their CPU copies.
