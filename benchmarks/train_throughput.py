@@ -31,6 +31,11 @@ The issue's table, 1.3B on one H200:
 of `--lengths`. Every row is isolated: an out-of-memory (or any other error) is printed as that
 row's status and the table goes on; memory and compile caches are cleared between rows.
 `--json` is rewritten after every row, so a run cut short keeps what it measured.
+
+`--rounds N` measures the whole plan N times, round after round (so a drift of the device
+over the run spreads over every row alike), takes each stack row's ratio against the plain
+model of its own round, and ends with the median of each row over the rounds and the range
+of its tokens/s: an H200 lent here drifted by up to 8% between runs of the same code.
 """
 from __future__ import annotations
 
@@ -87,6 +92,7 @@ class Row:
     loss: float | None = None
     vs_plain_compiled: float | None = None  # stack rows: tokens/s over the plain model's
     vs_plain_eager: float | None = None
+    round: int = 1  # --rounds: the pass over the plan that measured it; medians: how many
 
 
 def summary(step_times: list[float], *, tokens_per_step: int, flops_per_token: float) -> dict:
@@ -273,9 +279,11 @@ def parse_settings(lengths: str, batches: str | None, micro_batches: str | None
     return list(zip(lengths_, batches_, micro))
 
 
-def plan(args: argparse.Namespace, tmp: str) -> Iterator[tuple[Row, Callable[[int], dict]]]:
-    """The rows to measure, in order, each with its measure(micro_batch) function: variant by
-    variant, setting by setting; at each setting the plain model(s) of each size first (once)."""
+def plan(args: argparse.Namespace, tmp: str, round_: int = 1
+         ) -> Iterator[tuple[Row, Callable[[int], dict]]]:
+    """The rows of one round, in order, each with its measure(micro_batch) function: variant
+    by variant, setting by setting; at each setting the plain model(s) of each size first
+    (once)."""
     plain_modes = [] if args.plain == "none" else args.plain.split(",")
     if set(plain_modes) - set(PLAIN_MODES):
         raise SystemExit(f"--plain: use {', '.join(PLAIN_MODES)} or none")
@@ -291,10 +299,11 @@ def plan(args: argparse.Namespace, tmp: str) -> Iterator[tuple[Row, Callable[[in
                     key = (plain_name(preset), length, batch, mode)
                     if key not in plain_done:
                         plain_done.add(key)
-                        yield (Row(key[0], "plain", mode, length, batch, micro_batch),
+                        yield (Row(key[0], "plain", mode, length, batch, micro_batch,
+                                   round=round_),
                                functools.partial(_plain, preset, length, batch,
                                                  mode == "compiled", common))
-                yield (Row(preset, "stack", variant, length, batch, micro_batch),
+                yield (Row(preset, "stack", variant, length, batch, micro_batch, round=round_),
                        functools.partial(_stack, preset, length, batch, variant,
                                          f"{tmp}/{preset}-{variant}-{length}-{batch}", common))
 
@@ -311,17 +320,46 @@ def _stack(preset, length, batch, variant, run_dir, common, micro_batch) -> dict
 
 
 def with_ratios(rows: list[Row]) -> list[Row]:
-    """Set each stack row's tokens/s over the plain model's (same size, length and batch; per
-    plain mode)."""
-    plain = {(r.model, r.seq_length, r.batch, r.variant): r.tokens_per_s for r in rows
+    """Set each stack row's tokens/s over the plain model's (same size, length, batch and
+    round; per plain mode)."""
+    plain = {(r.model, r.seq_length, r.batch, r.variant, r.round): r.tokens_per_s for r in rows
              if r.kind == "plain" and r.status == "ok"}
     for row in rows:
         if row.kind != "stack" or row.status != "ok":
             continue
         for mode in PLAIN_MODES:
-            base = plain.get((plain_name(row.model), row.seq_length, row.batch, mode))
+            base = plain.get((plain_name(row.model), row.seq_length, row.batch, mode, row.round))
             setattr(row, f"vs_plain_{mode}", None if base is None else row.tokens_per_s / base)
     return rows
+
+
+_MEDIAN_FIELDS = ("step_ms", "tokens_per_s", "tflops", "mfu", "memory_gib", "vs_plain_compiled",
+                  "vs_plain_eager")
+
+
+def medians(rows: list[Row]) -> list[Row]:
+    """One row per configuration (model, kind, variant, length, batch), in first-seen order:
+    the median of each number over its rounds that ran (`round`: how many), the range of
+    tokens/s in `status`. Call after `with_ratios`."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.model, row.kind, row.variant, row.seq_length, row.batch),
+                          []).append(row)
+    out = []
+    for (model, kind, variant, length, batch), group in groups.items():
+        ok = [row for row in group if row.status == "ok"]
+        if not ok:
+            out.append(dataclasses.replace(group[-1], round=0))
+            continue
+        values = {name: [getattr(row, name) for row in ok if getattr(row, name) is not None]
+                  for name in _MEDIAN_FIELDS}
+        speeds = values["tokens_per_s"]
+        out.append(Row(model, kind, variant, length, batch, ok[-1].micro_batch,
+                       status="ok" if len(ok) == 1 else
+                       f"ok; tokens/s {min(speeds):,.0f}-{max(speeds):,.0f}",
+                       round=len(ok), **{name: statistics.median(v) if v else None
+                                         for name, v in values.items()}))
+    return out
 
 
 def plain_name(preset: str) -> str:
@@ -347,10 +385,12 @@ HEADER = (f"{'model':<22}{'variant':<14}{'length':>7}{'batch':>8}{'step ms':>10}
 
 def write_json(path: str, rows: list[Row], args: argparse.Namespace) -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    rows = with_ratios(rows)
     Path(path).write_text(json.dumps({
         "device": device, "torch": torch.__version__, "command": sys.argv,
-        "steps": args.steps, "warmup": args.warmup, "vocab": args.vocab,
-        "rows": [dataclasses.asdict(row) for row in with_ratios(rows)]}, indent=1))
+        "steps": args.steps, "warmup": args.warmup, "vocab": args.vocab, "rounds": args.rounds,
+        "rows": [dataclasses.asdict(row) for row in rows],
+        "medians": [dataclasses.asdict(row) for row in medians(rows)]}, indent=1))
 
 
 def main() -> int:
@@ -373,8 +413,12 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true",
                         help="tiny presets at length 64, 2 steps: a CPU smoke run")
     parser.add_argument("--vocab", type=int, help=f"vocabulary size (default {VOCAB})")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure the whole plan this many times, then take medians")
     parser.add_argument("--json", help="write the rows here (rewritten after every row)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: {args.rounds}; give 1 or more")
     defaults = dict(TINY) if args.tiny else dict(
         presets="jrt-360m,transformer-360m", lengths="2048,8192,32768", batches=None,
         steps=10, warmup=3, vocab=VOCAB)
@@ -393,17 +437,23 @@ def main() -> int:
     rows: list[Row] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for row, measure in plan(args, tmp):
-                rows.append(isolated(row, measure, args.halve_on_oom))
-                print(format_row(row), flush=True)
-                if args.json:
-                    write_json(args.json, rows, args)
+            for round_ in range(1, args.rounds + 1):
+                for row, measure in plan(args, tmp, round_):
+                    rows.append(isolated(row, measure, args.halve_on_oom))
+                    print(format_row(row), flush=True)
+                    if args.json:
+                        write_json(args.json, rows, args)
     finally:
         destroy_distributed()
     print(f"\nsummary (vs plain: tokens/s over the plain Transformer++ of the same size, "
           f"length and batch; compiled where measured, else eager)\n{HEADER}")
     for row in with_ratios(rows):
         print(format_row(row))
+    if args.rounds > 1:
+        print(f"\nmedians over {args.rounds} rounds (vs plain: the median of the per-round "
+              f"ratios)\n{HEADER}")
+        for row in medians(rows):
+            print(format_row(row))
     return 1 if any(row.status.startswith("error") for row in rows) else 0
 
 

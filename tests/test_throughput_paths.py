@@ -5,7 +5,8 @@ foreach AdamW, the foreach gradient norm and scaling equal megatron's local ones
 checkpoint bit-exact; `training.fusions` (megatron's SwiGLU fusion and the fused AdamW) and
 `training.compile` leave the losses of jrt-tiny and transformer-tiny runs unchanged within fp32
 tolerance; benchmarks/train_throughput.py measures both the stack and the plain Transformer++
-(of the same size) and writes its JSON; an out-of-memory row does not end the table.
+(of the same size) and writes its JSON; an out-of-memory row does not end the table; with
+--rounds each ratio is taken within its round and the medians over rounds.
 GPU: 50 steps of the fast path (fusions, compile, fused AdamW, bf16) follow the plain path's
 loss curve within bf16 noise; the foreach gradient norm makes no host sync.
 """
@@ -315,6 +316,31 @@ def test_an_out_of_memory_row_keeps_the_table_going(monkeypatch):
     assert (row.status, row.micro_batch, row.batch, row.step_ms) == ("ok", 2, 8, 10.0)
     assert tried == [8, 8, 4, 2]
 
+
+
+def test_rounds_take_ratios_within_a_round_and_medians_over_rounds(monkeypatch):
+    """--rounds: a drift of the device between rounds cancels in each round's ratio; the
+    medians are per configuration, with the range of tokens/s; a failed round is left out."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_throughput import Row, medians, plain_name, with_ratios
+
+    plain = plain_name("jrt-360m")
+    speeds = {1: (100.0, 130.0, "ok"), 2: (80.0, 104.0, "ok"), 3: (90.0, None, "OOM")}
+    rows = []
+    for round_, (base, jrt, status) in speeds.items():
+        rows.append(Row(plain, "plain", "compiled", 2048, 16, 16, tokens_per_s=base,
+                        round=round_))
+        rows.append(Row("jrt-360m", "stack", "fused", 2048, 16, 16, status=status,
+                        tokens_per_s=jrt, mfu=None if jrt is None else jrt / 1000,
+                        round=round_))
+    rows = with_ratios(rows)
+    assert [r.vs_plain_compiled for r in rows if r.kind == "stack"] == [1.3, 1.3, None]
+    plain_median, jrt_median = medians(rows)
+    assert (plain_median.tokens_per_s, plain_median.round) == (90.0, 3)
+    assert jrt_median.round == 2  # the OOM round is left out
+    assert jrt_median.tokens_per_s == 117.0 and jrt_median.vs_plain_compiled == 1.3
+    assert jrt_median.mfu == pytest.approx(0.117)
+    assert jrt_median.status == "ok; tokens/s 104-130"
 
 # --------------------------------------------------------------------------- GPU
 
