@@ -174,6 +174,11 @@ def destroy_distributed() -> None:
     rotary = sys.modules.get("megatron.core.models.common.embeddings.rotary_pos_embedding")
     if rotary is not None:
         rotary.RotaryEmbedding.forward.cache_clear()
+    # DeepSpeed keeps its clone of the world group (what it reduces over without an mpu) across
+    # runs; once the process group is gone, a next run in this process would use the dead one.
+    deepspeed_groups = sys.modules.get("deepspeed.utils.groups")
+    if deepspeed_groups is not None:
+        deepspeed_groups._WORLD_GROUP = None
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

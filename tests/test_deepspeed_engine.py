@@ -3,8 +3,8 @@
 Equal losses on the tiny preset (fp32, gloo) for ZeRO 1, 2, 3 and ZeRO-3 with CPU offload, in
 one process and in two; a resume continues exactly; the config errors name their keys. The
 engine tests skip where deepspeed is not installed; the config tests need no deepspeed.
-The engine tests run in spawned processes: DeepSpeed caches process groups per process, and
-the in-process launches of other tests destroy the process group between runs.
+The engine tests run in spawned processes. (Runs one after another in one process work too:
+`destroy_distributed` drops DeepSpeed's clone of the world group; tests/test_train_loop.py.)
 """
 import json
 import math
