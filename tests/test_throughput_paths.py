@@ -5,8 +5,9 @@ foreach AdamW, the foreach gradient norm and scaling equal megatron's local ones
 checkpoint bit-exact; `training.fusions` (megatron's SwiGLU fusion and the fused AdamW) and
 `training.compile` leave the losses of jrt-tiny and transformer-tiny runs unchanged within fp32
 tolerance; benchmarks/train_throughput.py measures both the stack and the plain Transformer++
-(of the same size) and writes its JSON; an out-of-memory row does not end the table; with
---rounds each ratio is taken within its round and the medians over rounds.
+(of the same size) and writes its JSON (run through benchmarks/ab_throughput.py, which compares
+two trees of the code); an out-of-memory row does not end the table; with --rounds each ratio
+is taken within its round and the medians over rounds.
 GPU: 50 steps of the fast path (fusions, compile, fused AdamW, bf16) follow the plain path's
 loss curve within bf16 noise; the foreach gradient norm makes no host sync.
 """
@@ -254,13 +255,21 @@ def test_compile_keeps_the_losses(preset, tmp_path):
 
 
 def test_benchmark_measures_both_models_and_writes_json(tmp_path):
-    out = tmp_path / "throughput.json"
+    """benchmarks/ab_throughput.py with this tree on both sides: one train_throughput.py run
+    each, their JSON, and the comparison per configuration."""
+    out = tmp_path / "ab.json"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--tiny", "--variants", "off",
-         "--plain", "eager", "--json", str(out)],
+        [sys.executable, "benchmarks/ab_throughput.py", "--baseline", ".", "--rounds", "1",
+         "--json", str(out), "--", "--tiny", "--variants", "off", "--plain", "eager"],
         cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(out.read_text())
+    ab = json.loads(out.read_text())
+    assert [len(ab["runs"][side]) for side in ("baseline", "current")] == [1, 1]
+    assert [(c["model"], c["variant"]) for c in ab["comparison"]] == [
+        ("plain d64 x 4", "eager"), ("jrt-tiny", "off"), ("transformer-tiny", "off")]
+    for c in ab["comparison"]:
+        assert c["ratio"] == pytest.approx(c["current"] / c["baseline"])
+    data = ab["runs"]["current"][0]
     assert data["device"] == "CPU" and data["steps"] == 2
     rows = {(r["model"], r["variant"]): r for r in data["rows"]}
     assert set(rows) == {("plain d64 x 4", "eager"), ("jrt-tiny", "off"),
@@ -295,6 +304,18 @@ def test_plain_transformer_has_the_stack_transformers_parameters(monkeypatch):
 
     stack, plain = launch(counts, 1, in_process=True)[0]
     assert plain == stack
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--baseline", "{tmp}"], "has no benchmarks/train_throughput.py"),
+    (["--baseline", ".", "--", "--json", "x.json"], "--json: give it to ab_throughput.py"),
+    (["--baseline", ".", "--rounds", "0"], "--rounds: 0"),
+])
+def test_ab_throughput_refuses_what_it_cannot_compare(argv, message, tmp_path):
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    proc = subprocess.run([sys.executable, "benchmarks/ab_throughput.py", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
 
 
 def test_an_out_of_memory_row_keeps_the_table_going(monkeypatch):
