@@ -23,10 +23,10 @@ for the conv the fraction of the copy bandwidth (fewest bytes: u, dy read once, 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
-from gpu_timing import fastest, ms, peak_mib, require_cuda  # siblings on sys.path
+from gpu_timing import (  # siblings: benchmarks/ is on sys.path
+    fastest, ms, peak_mib, require_cuda, write_json)
 
 from kernels.baseconv.reference import gated_causal_conv_conv1d, gated_causal_conv_reference
 from kernels.baseconv import triton_baseconv as T
@@ -205,10 +205,7 @@ def main():
                  + 5 * (t("swa", "blocked") - t("swa", "flash")))
         print(f"s {s}, b {BATCH.get(s, max(1, 16384 // s))}: a jrt-360m step's 16 BaseConv and "
               f"5 SWA layers, forward+backward, take {saved:.1f} ms less")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                           conv_cfg=T._CFG, copy_gbs=bw, rows=rows), fh, indent=1)
+    write_json(args.json, conv_cfg=T._CFG, copy_gbs=bw, rows=rows)
 
 
 if __name__ == "__main__":
