@@ -78,6 +78,28 @@ def token_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(n) for n in shape.split("x")) for shape in text.split(",")]
 
 
+TIMINGS = ("fwd_ms", "fwd_bwd_ms", "eager_fwd_ms", "eager_fwd_bwd_ms")
+
+
+def print_speedups(rows: list[dict], baseline: str, shape: Callable[[dict], str]) -> None:
+    """Add `<timing>_speedup` to every row (the `baseline` method's time at the same s and b
+    over the row's) and print the table the kernel benchmarks share: ms and speed-up forward
+    and forward + backward, of the GPU's work (CUDA graph) and of eager calls, then the HBM
+    floors. Rows hold method, s, b, the TIMINGS and fwd_floor_ms / fwd_bwd_floor_ms."""
+    for row in rows:
+        base = next(r for r in rows if r["method"] == baseline and r["s"] == row["s"]
+                    and r["b"] == row["b"])
+        row.update({f"{key}_speedup": base[key] / row[key] for key in TIMINGS})
+    print(f"\n{'':26}|{'GPU (CUDA graph)':^35}|{'eager':^35}|")
+    columns = f"{'fwd ms':>9}{'x':>7}{'fwd+bwd ms':>12}{'x':>7}|"
+    print(f"{'method':10}{'shape':>16}|{columns * 2}{'fwd floor':>10}{'f+b floor':>10}")
+    for r in rows:
+        times = "".join(f"{r[key]:{12 if 'bwd' in key else 9}.4f}{r[key + '_speedup']:6.2f}x"
+                        + ("|" if "bwd" in key else "") for key in TIMINGS)
+        print(f"{r['method']:10}{shape(r):>16}|{times}"
+              f"{r['fwd_floor_ms']:10.4f}{r['fwd_bwd_floor_ms']:10.4f}")
+
+
 def write_json(path: str | None, **fields) -> None:
     """The benchmark's results at `path` (if given), with the device and software they ran on."""
     if path:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 from gpu_timing import (  # siblings: benchmarks/ is on sys.path
-    fastest, graphed, ms, require_cuda, shapes_parser, token_shapes,
+    fastest, graphed, ms, print_speedups, require_cuda, shapes_parser, token_shapes,
     write_json)
 
 from kernels.rms_norm import triton_rms_norm as T
@@ -97,19 +97,7 @@ def main():
     print(f"kernel configs (elements per tile, warps): forward {T.FWD_CONFIG}, backward "
           f"{T.BWD_CONFIG} over {T.BWD_ROWS_PER_PROGRAM} rows per program")
     rows = [row for s, b in token_shapes(args.shapes) for row in rows_for(s, b, args.bandwidth)]
-    timings = ("fwd_ms", "fwd_bwd_ms", "eager_fwd_ms", "eager_fwd_bwd_ms")
-    for row in rows:
-        base = next(r for r in rows if r["method"] == "torch" and r["s"] == row["s"]
-                    and r["b"] == row["b"])
-        row.update({f"{key}_speedup": base[key] / row[key] for key in timings})
-    print(f"\n{'':24}|{'GPU (CUDA graph)':^35}|{'eager':^35}|")
-    columns = f"{'fwd ms':>9}{'x':>7}{'fwd+bwd ms':>12}{'x':>7}|"
-    print(f"{'method':8}{'s x b x d':>16}|{columns * 2}{'fwd floor':>10}{'f+b floor':>10}")
-    for r in rows:
-        times = "".join(f"{r[key]:{12 if 'bwd' in key else 9}.4f}{r[key + '_speedup']:6.2f}x"
-                        + ("|" if "bwd" in key else "") for key in timings)
-        print(f"{r['method']:8}{r['s']:>6}x{r['b']:<3}x{r['d']:<5}|{times}"
-              f"{r['fwd_floor_ms']:10.4f}{r['fwd_bwd_floor_ms']:10.4f}")
+    print_speedups(rows, "torch", lambda r: f"{r['s']}x{r['b']}x{r['d']}")
     print(f"floors at {args.bandwidth} TB/s: forward x read and y written; forward + backward "
           "also x and dy read and dx written")
     write_json(args.json, fwd_config=T.FWD_CONFIG, bwd_config=T.BWD_CONFIG,

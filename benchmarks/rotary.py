@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 from gpu_timing import (  # siblings: benchmarks/ is on sys.path
-    fastest, graphed, ms, require_cuda, shapes_parser, token_shapes, write_json)
+    fastest, graphed, ms, print_speedups, require_cuda, shapes_parser, token_shapes,
+    write_json)
 
 from kernels.rotary import rotate, split_heads
 from kernels.rotary import triton_rotary as T
@@ -81,19 +82,7 @@ def main():
         tune()
     print(f"kernel config (rows per program, warps): {T.CONFIG}")
     rows = [row for s, b in token_shapes(args.shapes) for row in rows_for(s, b, args.bandwidth)]
-    timings = ("fwd_ms", "fwd_bwd_ms", "eager_fwd_ms", "eager_fwd_bwd_ms")
-    for row in rows:
-        base = next(r for r in rows if r["method"] == "megatron" and r["s"] == row["s"]
-                    and r["b"] == row["b"])
-        row.update({f"{key}_speedup": base[key] / row[key] for key in timings})
-    print(f"\n{'':20}|{'GPU (CUDA graph)':^35}|{'eager':^35}|")
-    columns = f"{'fwd ms':>9}{'x':>7}{'fwd+bwd ms':>12}{'x':>7}|"
-    print(f"{'method':10}{'s x b':>10}|{columns * 2}{'fwd floor':>10}{'f+b floor':>10}")
-    for r in rows:
-        times = "".join(f"{r[key]:{12 if 'bwd' in key else 9}.4f}{r[key + '_speedup']:6.2f}x"
-                        + ("|" if "bwd" in key else "") for key in timings)
-        print(f"{r['method']:10}{r['s']:>6}x{r['b']:<3}|{times}"
-              f"{r['fwd_floor_ms']:10.4f}{r['fwd_bwd_floor_ms']:10.4f}")
+    print_speedups(rows, "megatron", lambda r: f"{r['s']}x{r['b']}")
     print(f"floors at {args.bandwidth} TB/s: qkv read and q, k, v written forward; the same "
           "again backward")
     write_json(args.json, config=T.CONFIG, heads=HEADS, head_dim=HEAD_DIM,

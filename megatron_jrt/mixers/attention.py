@@ -5,7 +5,7 @@ SelfAttention keeps doing what it does well (packed qkv, TP sharding, checkpoint
 its `core_attention` differs between the two letters. Its split of the packed qkv and the rotary
 embedding run as one kernel each way (kernels/rotary, megatron's math) where megatron's own
 path would do exactly that math; any setting outside it (TE's rope fusion, interleaved or
-partial-yarn rotary, q/k norms, output gates, context parallelism, ...) takes megatron's
+yarn rotary, q/k norms, output gates, context parallelism, ...) takes megatron's
 forward unchanged. A core is a function on
 [b, heads, s, dh] tensors (`CoreAttention.attend`) plus how many past keys a decode step needs
 (`cache_length`: the window for SWA, all of them for full attention). `RecurrentSelfAttention`
