@@ -123,19 +123,20 @@ class JRTModelConfig:
 
         `fusions` turns on megatron's fused kernels that need neither apex nor Transformer
         Engine (torch.compile'd, `megatron.core.jit`): the SwiGLU of every MLP (forward and
-        backward one kernel each, only its input saved); and, in bf16, megatron's native
+        backward one kernel each, only its input saved); the residual add with the mixer's output
+        bias (BaseConv's out_proj: output + bias + residual one kernel instead of two passes);
+        and, in bf16, megatron's native
         cross-entropy fusion flag, which JRTModel answers with kernels/cross_entropy's Triton
         kernels (one read of the bf16 logits forward, one read and an in-place gradient write
-        backward; megatron's own would make fp32 copies). The others do not apply: no bias or
-        dropout to fuse with the residual add, no masked softmax, RoPE and norm fusions need
-        TE or apex.
+        backward; megatron's own would make fp32 copies). The others do not apply: no
+        masked softmax, RoPE and norm fusions need TE or apex.
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         self.validate(tensor_parallel, pipeline_parallel)
         fused = {}
         if fusions:
-            fused["bias_activation_fusion"] = True
+            fused.update(bias_activation_fusion=True, bias_dropout_fusion=True)
             if bf16:
                 fused.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
         recompute = {}
@@ -159,7 +160,6 @@ class JRTModelConfig:
             init_method_std=self.init_std,
             hidden_dropout=0.0,
             attention_dropout=0.0,
-            bias_dropout_fusion=False,
             apply_rope_fusion=False,
             masked_softmax_fusion=False,
             persist_layer_norm=False,

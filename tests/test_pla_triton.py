@@ -149,6 +149,20 @@ S, z = torch.randn(2, 3, 273, 24), torch.rand(2, 3, 273) + 10
 a, b = PLAState(S.clone(), z.clone()), PLAState(S.clone(), z.clone())
 ya, yb = T.pla_decode_step_triton(q, k, v, a), pla_decode_step(q, k, v, b)
 torch.testing.assert_close(ya, yb); torch.testing.assert_close(a.S, b.S); torch.testing.assert_close(a.z, b.z)
+# strided views of one packed projection, as the PLA mixer passes them: the forward saves its
+# contiguous copies (the backward copies nothing again) and the packed gradient is the reference's
+from kernels.pla.reference import pla_reference
+packed = torch.randn(37, 1, 2, 16 + 16 + 40)
+enc = [torch.randn(1, 2, 21, 16), torch.randn(1, 2, 21, 40)]
+grads = []
+for pla in (T.pla_triton, pla_reference):
+    x = packed.clone().requires_grad_()
+    y = pla(*(t.permute(1, 2, 0, 3) for t in x.split([16, 16, 40], -1)), *enc)
+    if pla is T.pla_triton:
+        assert all(t.is_contiguous() for t in y.grad_fn.saved_tensors[:5])
+    y.sum().backward()
+    grads.append(x.grad)
+torch.testing.assert_close(*grads, rtol=1e-4, atol=1e-4)
 print("INTERPRET OK")
 """
 

@@ -3,7 +3,7 @@
 CPU: torch's fused AdamW (`build_optimizer(fused_adam=True)`) takes the same steps as megatron's
 foreach AdamW, also after loading an unfused optimizer's state, and a fused run resumes from a
 checkpoint bit-exact; the foreach gradient norm and scaling equal megatron's local ones;
-`training.fusions` (megatron's SwiGLU fusion and the fused AdamW) and `training.compile` leave
+`training.fusions` (megatron's SwiGLU and bias-dropout-add fusions, the fused AdamW) and `training.compile` leave
 the losses of jrt-tiny and transformer-tiny runs unchanged within fp32 tolerance;
 benchmarks/train_throughput.py measures both the stack and the plain Transformer++ (of the same
 size) and writes its JSON (run through benchmarks/ab_throughput.py, which compares two trees of
@@ -187,13 +187,14 @@ def test_fused_adamw_resumes_bit_exact(tmp_path):
     assert resumed == straight[2:]
 
 
-def _train_losses(overrides: list[str], spy_swiglu: bool = True):
-    """train() on this process -> (losses, fused AdamW kernel calls, fused SwiGLU calls).
+def _train_losses(overrides: list[str], spy_fusions: bool = True):
+    """train() on this process -> (losses, fused AdamW kernel calls, (fused SwiGLU calls, fused
+    bias-dropout-add calls)).
 
-    The SwiGLU spy must stay out of compiled code (a counter traced by dynamo would be a
-    guard that changes every call): `spy_swiglu=False` with training.compile, count None.
+    The spies must stay out of compiled code (a counter traced by dynamo would be a guard that
+    changes every call): `spy_fusions=False` with training.compile, counts None.
     """
-    from megatron.core.fusions import fused_bias_swiglu
+    from megatron.core.fusions import fused_bias_dropout, fused_bias_swiglu
 
     from megatron_jrt.distributed import init_distributed
     from megatron_jrt.train import train
@@ -202,14 +203,17 @@ def _train_losses(overrides: list[str], spy_swiglu: bool = True):
     cfg = load_config(None, overrides)
     init_distributed(seed=cfg.training.seed)
     adam, swiglu = _Calls(torch._fused_adamw_), _Calls(fused_bias_swiglu.swiglu)
+    bda = _Calls(fused_bias_dropout.bias_dropout_add_fused_train)
     torch._fused_adamw_ = adam
-    if spy_swiglu:
+    if spy_fusions:
         fused_bias_swiglu.swiglu = swiglu
+        fused_bias_dropout.bias_dropout_add_fused_train = bda
     try:
         losses = train(cfg).losses
     finally:
         torch._fused_adamw_, fused_bias_swiglu.swiglu = adam.fn, swiglu.fn
-    return losses, adam.count, swiglu.count if spy_swiglu else None
+        fused_bias_dropout.bias_dropout_add_fused_train = bda.fn
+    return losses, adam.count, (swiglu.count, bda.count) if spy_fusions else None
 
 
 def _paths(preset: str, run_dir: str, paths: list[str]):
@@ -219,7 +223,7 @@ def _paths(preset: str, run_dir: str, paths: list[str]):
     for path in ["training.fusions=false", *paths]:
         runs[path] = _train_losses(MOCK + [f"model.preset={preset}", *path.split(),
                                            f"logging.run_dir={run_dir}/{len(runs)}"],
-                                   spy_swiglu="compile" not in path)
+                                   spy_fusions="compile" not in path)
     return runs
 
 
@@ -228,12 +232,14 @@ def test_fusions_keep_the_losses(preset, tmp_path):
     """Fused AdamW and SwiGLU really run, and the losses are the plain path's (fp32, CPU)."""
     runs = launch(_paths, 1, preset, str(tmp_path), ["training.fusions=true"],
                   in_process=True)[0]
-    plain_losses, plain_adam, plain_swiglu = runs["training.fusions=false"]
-    losses, adam, swiglu = runs["training.fusions=true"]
-    assert (plain_adam, plain_swiglu) == (0, 0)
+    plain_losses, plain_adam, plain_fused = runs["training.fusions=false"]
+    losses, adam, (swiglu, bda) = runs["training.fusions=true"]
+    assert (plain_adam, plain_fused) == (0, (0, 0))
     # fused AdamW every step for both parameter groups (with and without weight decay),
-    # the fused SwiGLU in every MLP of every micro-batch
+    # the fused SwiGLU in every MLP of every micro-batch, the fused bias-dropout-add after
+    # every mixer and every MLP
     assert adam == STEPS * 2 and swiglu == STEPS * MICRO_BATCHES * LAYERS
+    assert bda == 2 * swiglu
     assert all(math.isfinite(x) for x in losses)
     assert losses == pytest.approx(plain_losses, rel=1e-5)
 
@@ -395,7 +401,7 @@ def _fast_and_plain(preset: str, run_dir: str, data: dict):
               "training.bf16=true", "optimizer.warmup_steps=5", "optimizer.lr=1e-3",
               "optimizer.min_lr=1e-4", "logging.tensorboard=false", "logging.progress_bar=false"]
     return {name: _train_losses(common + switches + [f"logging.run_dir={run_dir}/{name}"],
-                                spy_swiglu=False)
+                                spy_fusions=False)
             for name, switches in (("fast", fast), ("plain", plain))}
 
 

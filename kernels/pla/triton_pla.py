@@ -748,6 +748,9 @@ class PLATriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, k_enc, v_enc, eps):
         need = any(ctx.needs_input_grad[:5])
+        # the contiguous copies are the ones saved: the backward reads them as they are (saving
+        # the mixer's strided views would copy them again there)
+        q, k, v, k_enc, v_enc = (t.contiguous() for t in (q, k, v, k_enc, v_enc))
         y, den, Se, Ze, _, _ = _forward(q, k, v, k_enc, v_enc, eps, store_den=need, store_state=False)
         if need:
             ctx.save_for_backward(q, k, v, k_enc, v_enc, y, den, Se, Ze)
@@ -756,7 +759,6 @@ class PLATriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         q, k, v, k_enc, v_enc, y, den, Se, Ze = ctx.saved_tensors
-        q, k, v, k_enc, v_enc = (t.contiguous() for t in (q, k, v, k_enc, v_enc))
         dy = dy.contiguous()
         B, H, N, F = q.shape
         M = k_enc.shape[2]
