@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_jrt.config import PRESETS
+from megatron_jrt.evals.experiments.plot import cell_name
 from tests.multiproc import launch
 
 pytestmark = pytest.mark.skipif("based-tiny" not in PRESETS,
@@ -43,6 +44,10 @@ def test_parallel_children_write_the_in_process_sweeps_rows(tmp_path, capsys):
     assert merged["settings"] == {**alone["settings"], "parallel": 2, "gpus": []}
     assert "2 runs, 2 at a time on the CPU" in printed
     assert printed.count("/2] ") == 2 and "] jrt-d32-f4 lr 0.003: state" in printed
+    # every cell's accuracy reaches the console, which comes back when files may not
+    for run in merged["runs"]:
+        cells = " ".join(f"{cell_name(c)} {c['accuracy']:.3f}" for c in run["cells"])
+        assert f"per cell: {cells}\n" in printed
     logs = sorted(p.name for p in (tmp_path / "two-logs").glob("*.log"))
     assert logs == ["based-d32-f4-lr0.003.log", "jrt-d32-f4-lr0.003.log"]
     training_log = (tmp_path / "two-logs" / logs[0]).read_text()

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from megatron_jrt.evals.experiments.children import Child, visible_gpus
+from megatron_jrt.evals.experiments.plot import cell_name
 
 FAMILIES = ("jrt", "based", "transformer", "based+jrt-prompt")
 PRESET = {"jrt": "jrt-tiny", "based": "based-tiny", "transformer": "transformer-tiny",
@@ -294,12 +295,15 @@ class Sweep:
 
 
 def _summary(row: dict) -> str:
+    """The run's console lines: its totals, then its accuracy per test cell (the console comes
+    back from a device call when the JSON may not)."""
     mean = sum(c["accuracy"] for c in row["cells"]) / len(row["cells"])
     cut = (f" (time limit: stopped at step {row['steps_done']} of {row['steps']})"
            if row["steps_done"] < row["steps"] else "")
+    cells = " ".join(f"{cell_name(c)} {c['accuracy']:.3f}" for c in row["cells"])
     return (f"{row['name']} lr {row['lr']:g}: state {row['state_size']:,}, mean accuracy "
             f"{mean:.3f}, loss {row['final_loss']:.3f}, {row['step_ms']:.0f} ms/step, "
-            f"{row['seconds']:.0f} s{cut}")
+            f"{row['seconds']:.0f} s{cut}\n    per cell: {cells}")
 
 
 def _device() -> str:
