@@ -123,13 +123,13 @@ class JRTModelConfig:
 
         `fusions` turns on megatron's fused kernels that need neither apex nor Transformer
         Engine (torch.compile'd, `megatron.core.jit`): the SwiGLU of every MLP (forward and
-        backward one kernel each, only its input saved); the residual add with the mixer's output
-        bias (BaseConv's out_proj: output + bias + residual one kernel instead of two passes);
-        and, in bf16, megatron's native
-        cross-entropy fusion flag, which JRTModel answers with kernels/cross_entropy's Triton
-        kernels (one read of the bf16 logits forward, one read and an in-place gradient write
-        backward; megatron's own would make fp32 copies). The others do not apply: no
-        masked softmax, RoPE and norm fusions need TE or apex.
+        backward one kernel each, only its input saved); the residual add with a mixer's
+        output bias (BaseConv's out_proj: output + bias + residual in one kernel, not two
+        passes); and, in bf16, megatron's native cross-entropy fusion flag, which JRTModel
+        answers with kernels/cross_entropy's Triton kernels (one read of the bf16 logits
+        forward, one read and an in-place gradient write backward; megatron's own would make
+        fp32 copies). The others do not apply: no masked softmax, and the RoPE and norm fusions
+        need TE or apex.
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
 

@@ -3,8 +3,9 @@
 CPU: torch's fused AdamW (`build_optimizer(fused_adam=True)`) takes the same steps as megatron's
 foreach AdamW, also after loading an unfused optimizer's state, and a fused run resumes from a
 checkpoint bit-exact; the foreach gradient norm and scaling equal megatron's local ones;
-`training.fusions` (megatron's SwiGLU and bias-dropout-add fusions, the fused AdamW) and `training.compile` leave
-the losses of jrt-tiny and transformer-tiny runs unchanged within fp32 tolerance;
+`training.fusions` (megatron's SwiGLU and bias-dropout-add fusions, the fused AdamW) and
+`training.compile` leave the losses of jrt-tiny and transformer-tiny runs unchanged within fp32
+tolerance;
 benchmarks/train_throughput.py measures both the stack and the plain Transformer++ (of the same
 size) and writes its JSON (run through benchmarks/ab_throughput.py, which compares two trees of
 the code); an out-of-memory row does not end the table; with --rounds each ratio is taken
