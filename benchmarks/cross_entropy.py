@@ -19,7 +19,6 @@ from __future__ import annotations
 
 
 import torch
-import triton
 from gpu_timing import (  # siblings: benchmarks/ is on sys.path
     fastest, ms, peak_mib, require_cuda, shapes_parser, token_shapes,
     write_json)
@@ -101,7 +100,6 @@ def main():
 
     init_distributed()  # a lone rank: megatron's losses take the TP group (of one)
     group = parallel_state.get_tensor_model_parallel_group()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     if args.tune:
         tune()
     print(f"kernel configs (columns per block, warps): forward {T.FWD_CONFIG}, "

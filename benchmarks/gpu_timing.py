@@ -111,6 +111,10 @@ def write_json(path: str | None, **fields) -> None:
 
 
 def require_cuda(why: str) -> None:
-    """Exit with `why` (the script and what it needs) on a machine without a CUDA GPU."""
+    """Exit with `why` (the script and what it needs) on a machine without a CUDA GPU; else
+    print the device and software the numbers will come from (as `write_json` records them)."""
     if not torch.cuda.is_available():
         sys.exit(why)
+    import triton
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")

@@ -172,7 +172,6 @@ def main():
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     require_cuda("benchmarks/mixers.py needs a CUDA GPU")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.tune:
         tune()
     print(f"conv kernel configs: {T._CFG} (fwd, bwd_du1: tokens, channels, warps; "

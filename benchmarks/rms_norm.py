@@ -21,7 +21,6 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-import triton
 from gpu_timing import (  # siblings: benchmarks/ is on sys.path
     fastest, graphed, ms, print_speedups, require_cuda, shapes_parser, token_shapes,
     write_json)
@@ -91,7 +90,6 @@ def tune(s=2048, b=16):
 def main():
     args = shapes_parser("sweep the kernels' tiles and warps first").parse_args()
     require_cuda("benchmarks/rms_norm.py needs a CUDA GPU (the Triton kernels run only there)")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     if args.tune:
         tune()
     print(f"kernel configs (elements per tile, warps): forward {T.FWD_CONFIG}, backward "

@@ -17,7 +17,6 @@ eager calls, and the floor at the HBM bandwidth (qkv read and written once each 
 from __future__ import annotations
 
 import torch
-import triton
 from gpu_timing import (  # siblings: benchmarks/ is on sys.path
     fastest, graphed, ms, print_speedups, require_cuda, shapes_parser, token_shapes,
     write_json)
@@ -77,7 +76,6 @@ def tune(s=2048, b=16):
 def main():
     args = shapes_parser("sweep the kernel's rows per program and warps first").parse_args()
     require_cuda("benchmarks/rotary.py needs a CUDA GPU (the Triton kernel runs only there)")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     if args.tune:
         tune()
     print(f"kernel config (rows per program, warps): {T.CONFIG}")
