@@ -37,7 +37,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2", *HF, *EVALS, *DEEPSPEED],
+        "test": ["pytest>=8", "pytest-timeout>=2", "pytest-xdist>=3.5", *HF, *EVALS, *DEEPSPEED],
         "gpt2": ["tokenizers"],
         "hf": HF,
         "evals": EVALS,
