@@ -167,6 +167,7 @@ def _assert_interrupted(rc: int, seconds: float, err: str, signum: int) -> None:
     assert last.startswith(f"jrt-prep shards: interrupted ({signal.Signals(signum).name})"), err
 
 
+@pytest.mark.slow
 def test_shards_interrupted_20_times_never_hangs_and_publishes_nothing_partial(tmp_path, tok_path, reference_run):
     """SIGINT at 20 random moments (fixed seed), to the whole process group as a terminal's Ctrl-C does,
     or to the main process only as `kill -INT` does: a third of them during start-up (imports, workers

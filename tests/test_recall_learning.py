@@ -3,12 +3,14 @@ as `data.synthetic`, megatron-core's model and jrt-train's loop and loss, a save
 reloaded and scored on the test stream (the experiment drivers' `train_and_evaluate`).
 
 Settings are tiny (width 64, 4 layers C P C P) but chosen to learn reliably within ~150-200
-steps at batch 128 (each test is well under a minute on 2 idle cores). Chance is low: a model
+steps at batch 128 (about a minute each on 2 idle cores). Chance is low: a model
 that only learned the format picks one of A's elements (1/3, 1/6) or one of the V/2 values.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from tests.multiproc import launch
 
@@ -32,6 +34,7 @@ def test_set_disjointness_is_learned_in_both_orders(tmp_path):
     assert not any(tmp_path.iterdir())  # the run's checkpoint is cleaned up
 
 
+@pytest.mark.slow
 def test_mqar_is_learned_well_above_chance(tmp_path):
     task = {"task": "mqar", "vocab_size": 128, "kv_pairs": [2, 3]}
     row = launch(_train_and_score, 1, "jrt", task, 16, 200, [(16, 2), (16, 3)], tmp_path,

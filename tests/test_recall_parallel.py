@@ -113,6 +113,7 @@ def test_a_budget_limits_each_runs_training_and_keeps_time_to_score(tmp_path):
     assert Sweep(tmp_path / "b.json", "mqar", {}, max_minutes=None).time_limit_minutes(0.3) == 0.3
 
 
+@pytest.mark.slow
 def test_a_sweep_stopped_by_its_time_limit_resumes_to_the_uninterrupted_result(tmp_path,
                                                                                 capsys):
     """--resume: the runs a time limit stopped continue from their checkpoints and end where

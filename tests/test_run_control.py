@@ -113,6 +113,7 @@ def test_an_error_is_one_line_with_its_exit_code_and_the_traceback_in_the_run_di
     assert "CheckpointError" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_save_dir_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
     """Without MASTER_PORT: single-process runs pick their own port, so only the lock decides."""
     shared = tmp_path / "first"

@@ -320,6 +320,7 @@ def reference(slurm, tmp_path_factory):
 
 # ---- tests ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_a_preempted_job_checkpoints_requeues_itself_resumes_and_matches_an_uninterrupted_run(
         slurm, reference, tmp_path):
@@ -356,6 +357,7 @@ def test_a_preempted_job_checkpoints_requeues_itself_resumes_and_matches_an_unin
     assert rows == reference
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_a_requeued_job_that_comes_back_on_one_node_resumes_with_the_new_layout(
         slurm, reference, tmp_path):

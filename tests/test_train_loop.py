@@ -63,6 +63,7 @@ def _event_scalars(run_dir):
             for tag in accumulator.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_demo_config_learns_and_logs_to_tensorboard(tmp_path):
     """The demo's real pipeline (bundled corpus, tokenizer, shards) for a shortened run."""
     from data_prep.corpus import prepare_bundled
